@@ -1,0 +1,83 @@
+r"""MRL ViT on Fashion-MNIST: the CPU demo (`make demo`).
+
+Command (after `make data`, or let `make demo` do everything):
+
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=workdir/fashion_mnist_vit
+
+Result: see README.md (measured on 2 CPU cores).
+
+Variants: `--config=configs/fashion_mnist_vit.py:mrl_e` or `:ff` select the
+head; `:smoke` shrinks everything for a seconds-long check.
+"""
+import ml_collections
+
+
+def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
+  args = set(filter(None, arg.split(",")))
+  mode = ({"mrl", "mrl_e", "ff"} & args or {"mrl"}).pop()
+
+  config = ml_collections.ConfigDict()
+  config.name = f"fashion_mnist_vit_{mode}"
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "fashion_mnist"
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS default
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "test"
+  config.dataset.image_key = "image"
+  config.dataset.label_key = "label"
+  config.dataset.num_classes = 10
+
+  config.input = ml_collections.ConfigDict()
+  config.input.image_size = 28
+  config.input.augment = "crop_flip"
+  config.input.crop_padding = 2
+  config.input.worker_count = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "vit"
+  config.model.variant = "N/4"
+  config.model.pool_type = "gap"
+  config.model.posemb = "sincos2d"
+  config.model.representation_size = 64
+  config.model.dtype = "float32"
+
+  config.mrl = ml_collections.ConfigDict()
+  config.mrl.mode = mode
+  config.mrl.nesting_dims = [8, 16, 32, 64]
+  config.mrl.weights = ml_collections.config_dict.placeholder(list)  # all 1
+  config.mrl.ff_dim = ml_collections.config_dict.placeholder(int)  # ff: = last dim
+  config.mrl.label_smoothing = 0.1
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.b2 = 0.99
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 200
+  config.optimizer.grad_clip_norm = 1.0
+
+  config.batch_size = 256
+  config.eval_batch_size = 1000
+  config.num_epochs = 12
+  config.num_train_steps = -1
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 200
+  config.eval_every_steps = -1  # only at the end
+
+  config.evals = ml_collections.ConfigDict()
+  config.evals.linear = dict(type="linear")
+  config.evals.knn = dict(type="knn", k=[1])
+
+  if "smoke" in args:
+    config.model.variant = "Mu/7"
+    config.num_epochs = -1
+    config.num_train_steps = 4
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.batch_size = 64
+  return config

@@ -1,0 +1,174 @@
+"""Evaluation at every dimension.
+
+Embeds the splits once (each process its slice, padded batches masked), then
+runs the evaluators named in `config.evals` on the gathered embeddings. Each
+evaluator returns `{metric: {dim: value}}`; the merged result is written as
+`results.json`, `report.md` and `accuracy_vs_dim.png` (schema: DESIGN.md).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from mrl_jax import sharding
+from mrl_jax.data import input_pipeline
+from mrl_jax.evaluators import classification
+from mrl_jax.evaluators import knn
+
+
+# ----------------------------------------------------------------------------
+# Embedding the splits.
+# ----------------------------------------------------------------------------
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_split(config, task, state, mesh, split: str, *, with_logits: bool) -> dict[str, np.ndarray]:
+  """Returns {'embedding': [N, d] f32, 'label': [N] int, 'logits': [M, N, C]?}."""
+  batch_size = config.get("eval_batch_size", config.batch_size)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  @jax.jit
+  def forward(params, rest, images):
+    logits, aux = task.apply(params, rest, images, train=False)
+    return (logits if with_logits else None), aux["embedding"]
+
+  outs = {"embedding": [], "label": [], "logits": []}
+  for batch in input_pipeline.create_eval_iterator(config, split, batch_size):
+    mask = batch.pop("mask").astype(bool)
+    g = input_pipeline.make_global_batch(batch, batch_sharding)
+    logits, emb = forward(state["params"], state["rest"], g["image"])
+    keep = _to_host(input_pipeline.make_global_batch({"m": mask}, batch_sharding)["m"])
+    outs["embedding"].append(_to_host(emb)[keep])
+    outs["label"].append(_to_host(g["label"])[keep])
+    if with_logits:
+      outs["logits"].append(_to_host(logits)[:, keep])
+  result = {"embedding": np.concatenate(outs["embedding"]).astype(np.float32),
+            "label": np.concatenate(outs["label"])}
+  if with_logits:
+    result["logits"] = np.concatenate(outs["logits"], axis=1)
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Evaluators: config.evals.<name> = dict(type=<one of EVALUATORS>, ...).
+# ----------------------------------------------------------------------------
+def _linear(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  del cfg
+  ev = splits["eval"]
+  acc = classification.LinearAccuracy(facts["head_dims"])
+  acc.update(ev["logits"], ev["label"])
+  return acc.result()
+
+
+def _knn(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  dims = knn.eval_dims(facts["nesting_dims"])
+  ks = sorted(set(cfg.get("k", [1])) | {1})
+  db, q = splits["train"], splits["eval"]
+  _, indices = knn.knn_search(q["embedding"], db["embedding"], dims, max(ks),
+                              db_chunk=cfg.get("db_chunk", 8192))
+  out = {}
+  for k in ks:
+    name = "knn_top1" if k == 1 else f"knn{k}_top1"
+    out[name] = knn.knn_accuracy(np.asarray(indices), db["label"], q["label"], dims, k=k)
+  return out
+
+
+EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    # type: (function, splits it needs)
+    "linear": (_linear, ("eval",)),
+    "knn": (_knn, ("eval", "train")),
+}
+
+
+def evaluate(config, facts, task, state, mesh, *, step: int,
+             outdir: epath.PathLike | None = None) -> dict[str, Any]:
+  evals = config.get("evals", {}) or {}
+  needed = set()
+  for name, cfg in evals.items():
+    if cfg["type"] not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.type={cfg['type']!r} is not one of "
+                       f"{sorted(EVALUATORS)}.")
+    needed |= set(EVALUATORS[cfg["type"]][1])
+  splits = {}
+  if "eval" in needed:
+    splits["eval"] = embed_split(config, task, state, mesh, config.dataset.eval_split,
+                                 with_logits=True)
+  if "train" in needed:
+    splits["train"] = embed_split(config, task, state, mesh, config.dataset.train_split,
+                                  with_logits=False)
+  metrics: dict[str, dict[str, float]] = {}
+  for name, cfg in evals.items():
+    fn = EVALUATORS[cfg["type"]][0]
+    for metric, per_dim in fn(cfg, facts, splits).items():
+      metrics[metric] = {str(d): float(v) for d, v in sorted(per_dim.items())}
+  results = {
+      "step": int(step),
+      "mode": config.mrl.mode,
+      "nesting_dims": list(facts["nesting_dims"]),
+      "eval_dims": knn.eval_dims(facts["nesting_dims"]),
+      "metrics": metrics,
+  }
+  for metric, per_dim in metrics.items():
+    logging.info("step %d %s: %s", step, metric,
+                 "  ".join(f"{d}:{100 * v:.2f}" for d, v in per_dim.items()))
+  if outdir is not None and jax.process_index() == 0:
+    write_outputs(results, epath.Path(outdir), title=config.get("name", ""))
+  return results
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+# ----------------------------------------------------------------------------
+def write_outputs(results: dict[str, Any], outdir: epath.Path, title: str = ""):
+  outdir.mkdir(parents=True, exist_ok=True)
+  (outdir / "results.json").write_text(json.dumps(results, indent=2))
+  (outdir / "report.md").write_text(report_markdown(results, title))
+  plot_accuracy_vs_dim(results, outdir / "accuracy_vs_dim.png", title)
+  logging.info("Wrote %s", outdir / "results.json")
+
+
+def report_markdown(results: dict[str, Any], title: str = "") -> str:
+  metrics = results["metrics"]
+  dims = sorted({int(d) for per_dim in metrics.values() for d in per_dim})
+  trained = set(results["nesting_dims"])
+  lines = [f"# {title or 'Evaluation'} at step {results['step']} ({results.get('mode', '')})", "",
+           "Accuracy (%) per embedding dimension; * = a trained nesting dim, "
+           "others are interpolated (kNN only).", "",
+           "| metric | " + " | ".join(f"{d}{'*' if d in trained else ''}" for d in dims) + " |",
+           "|---|" + "---|" * len(dims)]
+  for metric, per_dim in metrics.items():
+    cells = [f"{100 * per_dim[str(d)]:.2f}" if str(d) in per_dim else "–" for d in dims]
+    lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+  lines += ["", "Linear: the trained head of each dim on the eval split. kNN: "
+            "database = train split, queries = eval split, cosine on each "
+            "prefix L2-normalised separately.", ""]
+  return "\n".join(lines)
+
+
+def plot_accuracy_vs_dim(results: dict[str, Any], path: epath.Path, title: str = ""):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for metric, per_dim in results["metrics"].items():
+    dims = sorted(int(d) for d in per_dim)
+    ax.plot(dims, [100 * per_dim[str(d)] for d in dims], marker="o", label=metric)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("embedding dimension")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"{title} step {results['step']}".strip())
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)

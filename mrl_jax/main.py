@@ -1,0 +1,53 @@
+r"""Entry point: train (then evaluate), evaluate, or export embeddings.
+
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR --mode=eval
+
+Any config field can be overridden: --config.batch_size=128. Re-running the
+same command in the same workdir resumes from the latest checkpoint.
+Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
+                               "(local path or gs://).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (or resume) then evaluate; eval: evaluate the "
+                          "latest checkpoint.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for multi-host CPU/GPU runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # TFDS and TensorFlow must never claim an accelerator that JAX owns.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif "TPU_ACCELERATOR_TYPE" in os.environ or "CLOUD_TPU_TASK_ID" in os.environ:
+    jax.distributed.initialize()  # auto-detected on Cloud TPU VMs
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s)",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+  from mrl_jax import train  # pylint: disable=g-import-not-at-top
+  if _MODE.value == "train":
+    train.run(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.run_eval(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,336 @@
+"""The training loop, top to bottom.
+
+Sections: config checks -> mesh -> input -> model and optimizer -> shardings
+-> update step -> checkpoint restore -> loop (log, checkpoint, eval) -> final
+eval. Everything the step touches is a pytree: the model is split with
+`nnx.split` once, and the jitted step merges it back for the forward pass.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mrl_jax import checkpoint as checkpoint_lib
+from mrl_jax import evaluate
+from mrl_jax import matryoshka
+from mrl_jax import models
+from mrl_jax import sharding
+from mrl_jax.data import input_pipeline
+from mrl_jax.data import prepare
+
+
+# ----------------------------------------------------------------------------
+# Config checks: every user mistake is reported before compute is spent.
+# ----------------------------------------------------------------------------
+def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """Validates the config against the mesh and the dataset; returns facts."""
+  nesting, weights = matryoshka.validate_nesting(
+      config.mrl.nesting_dims, config.mrl.get("weights"),
+      config.model.representation_size)
+  mode = config.mrl.mode
+  ff_dim = config.mrl.get("ff_dim") or nesting[-1]
+  head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
+  if mode == "ff":
+    if not 0 < ff_dim <= config.model.representation_size:
+      raise ValueError(
+          f"config.mrl.ff_dim={ff_dim} must be in [1, "
+          f"config.model.representation_size={config.model.representation_size}].")
+    weights = [1.0]
+  input_pipeline.validate_batch_size(
+      config, sharding.num_batch_shards(mesh), jax.process_count())
+  info = prepare.check_dataset(
+      config.dataset.name, config.dataset.get("data_dir"),
+      [config.dataset.train_split, config.dataset.eval_split],
+      config.dataset.get("image_key", "image"),
+      config.dataset.get("label_key", "label"),
+      config.dataset.num_classes)
+  models.check_variant(config)
+  return dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
+              ff_dim=ff_dim, dataset=info)
+
+
+def num_train_steps(config, num_train_examples: int) -> int:
+  if config.get("num_train_steps", -1) > 0:
+    return int(config.num_train_steps)
+  if config.get("num_epochs", -1) and config.num_epochs > 0:
+    return int(math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+  raise ValueError(
+      "Neither config.num_train_steps nor config.num_epochs is positive "
+      f"({config.get('num_train_steps')}, {config.get('num_epochs')}). Fix: set "
+      "one of them, e.g. --config.num_epochs=10.")
+
+
+# ----------------------------------------------------------------------------
+# Model and optimizer.
+# ----------------------------------------------------------------------------
+def build_model(config, facts, *, rngs: nnx.Rngs) -> nnx.Module:
+  head = matryoshka.make_head(
+      config.mrl.mode, facts["nesting_dims"], config.dataset.num_classes,
+      ff_dim=facts["ff_dim"], rngs=rngs)
+  return models.get_model(
+      config, num_classes=config.dataset.num_classes, head=head,
+      channels=facts["dataset"]["channels"], rngs=rngs)
+
+
+def _decay_mask(params):
+  # No weight decay on biases, norms' scales and other vectors (standard).
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def build_schedule(config, total_steps: int) -> optax.Schedule:
+  oc = config.optimizer
+  warmup = int(oc.get("warmup_steps", 0))
+  if oc.get("schedule", "cosine") == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, oc.learning_rate, warmup, max(total_steps, warmup + 1),
+        end_value=oc.learning_rate * oc.get("final_lr_fraction", 0.0))
+  elif oc.schedule == "linear":
+    lr = optax.join_schedules([
+        optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
+        optax.linear_schedule(oc.learning_rate, 0.0, max(total_steps - warmup, 1)),
+    ], [warmup])
+  elif oc.schedule == "constant":
+    lr = optax.join_schedules([
+        optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
+        optax.constant_schedule(oc.learning_rate)], [warmup])
+  else:
+    raise ValueError(f"config.optimizer.schedule={oc.schedule!r} is not one of "
+                     "'cosine', 'linear', 'constant'.")
+  return lr
+
+
+def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  oc = config.optimizer
+  lr = build_schedule(config, total_steps)
+  name = oc.get("name", "adamw")
+  wd = oc.get("weight_decay", 0.0)
+  if name == "adamw":
+    opt = optax.adamw(lr, b1=oc.get("b1", 0.9), b2=oc.get("b2", 0.999),
+                      weight_decay=wd, mask=_decay_mask)
+  elif name == "sgd":
+    opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask),
+                      optax.sgd(lr, momentum=oc.get("momentum", 0.9), nesterov=True))
+  elif name == "lamb":
+    opt = optax.lamb(lr, weight_decay=wd, mask=_decay_mask)
+  elif name == "adafactor":
+    opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
+  else:
+    raise ValueError(f"config.optimizer.name={name!r} is not one of "
+                     "'adamw', 'sgd', 'lamb', 'adafactor'.")
+  if oc.get("grad_clip_norm"):
+    opt = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), opt)
+  return opt
+
+
+class Task:
+  """What the step and the evaluators need from the model, as pure functions."""
+
+  def __init__(self, config, facts):
+    self.config, self.facts = config, facts
+    abstract_model = nnx.eval_shape(lambda: build_model(config, facts, rngs=nnx.Rngs(0)))
+    self.graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+
+  def init_state(self, tx):
+    model = build_model(self.config, self.facts, rngs=nnx.Rngs(self.config.seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+            "opt_state": tx.init(params)}
+
+  def apply(self, params, rest, images, *, train: bool):
+    model = nnx.merge(self.graphdef, params, rest)
+    return model(images, train=train)  # (logits [M, B, C], aux)
+
+
+# ----------------------------------------------------------------------------
+# Everything.
+# ----------------------------------------------------------------------------
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`, then evaluates; returns the results."""
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+
+  # Mesh first: the config checks need the number of batch shards.
+  mesh = sharding.create_mesh(config.mesh)
+  facts = check_config(config, mesh)
+  total_steps = num_train_steps(config, facts["dataset"]["splits"][config.dataset.train_split])
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  logging.info("Mesh %s; %d steps of global batch %d; nesting dims %s (%s)",
+               dict(mesh.shape), total_steps, config.batch_size,
+               facts["nesting_dims"], config.mrl.mode)
+
+  # Input: this process's slice of the data, as global arrays on the mesh.
+  train_loader = input_pipeline.create_train_loader(config)
+  train_iter = iter(train_loader)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # Model, optimizer, train state (initialised directly in its sharding).
+  task = Task(config, facts)
+  tx = build_optimizer(config, total_steps)
+  schedule = build_schedule(config, total_steps)
+  init_fn = functools.partial(task.init_state, tx)
+  abstract_state = jax.eval_shape(init_fn)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
+  logging.info("Model: %s %s, %.2fM parameters", config.model.name,
+               config.model.variant, num_params / 1e6)
+
+  weights = jnp.asarray(facts["weights"], jnp.float32)
+  label_smoothing = config.mrl.get("label_smoothing", 0.0)
+
+  # The update step: pure function of (state, batch), state donated.
+  def loss_fn(params, rest, batch):
+    logits, _ = task.apply(params, rest, batch["image"], train=True)
+    per_dim = matryoshka.softmax_ce_per_dim(
+        logits, batch["label"], label_smoothing=label_smoothing)  # [M]
+    return jnp.sum(weights * per_dim), per_dim
+
+  @functools.partial(jax.jit, donate_argnums=0,
+                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+  def train_step(state, batch):
+    (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["rest"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    for m, l in zip(facts["head_dims"], per_dim):
+      metrics[f"loss_dim{m}"] = l
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  # Checkpoint: resume if the workdir has one, else initialise.
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("Resuming from step %d", latest)
+    state = ckpt.restore(latest, abstract_state, train_iter)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)()
+  start_step = int(state["step"])
+
+  # Metrics: TensorBoard events + console, from process 0 only.
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=not is_main, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_secs=None,
+      every_steps=config.log_every_steps)
+
+  # The loop. The loss of step s is read on the host only after step s+1 is
+  # dispatched, so the check for non-finite values never stalls the device.
+  ckpt_every = config.get("checkpoint_every_steps", 0)
+  eval_every = config.get("eval_every_steps", 0)
+  pending = None  # (step, metrics) of the last dispatched step
+  t0, images_since = time.perf_counter(), 0
+  with jax.set_mesh(mesh):
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+      images_since += config.batch_size
+      if pending is not None:
+        _check_finite(*pending, ckpt)
+      pending = (step, metrics)
+      progress(step)
+
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        _check_finite(step, metrics, ckpt)
+        dt = time.perf_counter() - t0
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars["images_per_sec"] = images_since / dt
+        scalars["learning_rate"] = float(schedule(step))
+        writer.write_scalars(step, scalars)
+        logging.info("step %d/%d  loss %.4f  %.0f img/s  (%.1f%%)", step, total_steps,
+                     scalars["loss"], scalars["images_per_sec"], 100 * step / total_steps)
+        t0, images_since = time.perf_counter(), 0
+
+      if (ckpt_every and step % ckpt_every == 0) or last:
+        _check_finite(step, metrics, ckpt)
+        ckpt.save(step, state, train_iter, force=True)
+
+      if eval_every and step % eval_every == 0 and not last:
+        results = evaluate.evaluate(config, facts, task, state, mesh, step=step)
+        _write_eval_scalars(writer, step, results)
+
+  ckpt.wait_until_finished()
+  # Final evaluation at every dimension, written to workdir/eval.
+  results = evaluate.evaluate(config, facts, task, state, mesh, step=int(state["step"]),
+                              outdir=workdir / "eval")
+  _write_eval_scalars(writer, int(state["step"]), results)
+  writer.flush()
+  ckpt.close()
+  return results
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir` (no training)."""
+  workdir = epath.Path(workdir)
+  mesh = sharding.create_mesh(config.mesh)
+  facts = check_config(config, mesh)
+  task = Task(config, facts)
+  total_steps = num_train_steps(config, facts["dataset"]["splits"][config.dataset.train_split])
+  tx = build_optimizer(config, total_steps)
+  abstract_state = jax.eval_shape(functools.partial(task.init_state, tx))
+  abstract_state = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+      abstract_state)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {workdir / 'checkpoints'}: --mode=eval evaluates a "
+        "trained model. Fix: train first (same command without --mode=eval).")
+  state = ckpt.restore(latest, abstract_state)
+  with jax.set_mesh(mesh):
+    results = evaluate.evaluate(config, facts, task, state, mesh, step=latest,
+                                outdir=workdir / "eval")
+  ckpt.close()
+  return results
+
+
+def _check_finite(step, metrics, ckpt):
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f"Non-finite loss ({loss}) at step {step}; stopping without saving. "
+        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+        "Fix: lower config.optimizer.learning_rate or set "
+        "config.optimizer.grad_clip_norm, then re-run to resume from it.")
+
+
+def _write_eval_scalars(writer, step, results):
+  scalars = {f"eval/{metric}_dim{dim}": v
+             for metric, per_dim in results["metrics"].items()
+             for dim, v in per_dim.items()}
+  writer.write_scalars(step, scalars)
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -1,0 +1,33 @@
+"""mrl_jax: Matryoshka Representation Learning in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="mrl_jax",
+    version="0.1.0",
+    description="Matryoshka Representation Learning in JAX/Flax, from a CPU to a TPU pod.",
+    packages=setuptools.find_packages(include=["mrl_jax", "mrl_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "absl-py>=2.1",
+        "array-record>=0.5",
+        "clu>=0.0.12",
+        "etils[epath]>=1.7",
+        "flax>=0.12,<0.13",
+        "grain>=0.2.12,<0.3",
+        "importlib_resources",
+        "jax>=0.7",
+        "matplotlib>=3.8",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorboard>=2.15",
+        "tensorflow-cpu>=2.16",  # TFDS builds datasets through tf; JAX never imports it
+        "tensorflow-datasets>=4.9.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
