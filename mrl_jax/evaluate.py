@@ -74,7 +74,7 @@ def _knn(cfg, facts, splits) -> dict[str, dict[int, float]]:
   ks = sorted(set(cfg.get("k", [1])) | {1})
   db, q = splits["train"], splits["eval"]
   _, indices = knn.knn_search(q["embedding"], db["embedding"], dims, max(ks),
-                              db_chunk=cfg.get("db_chunk", 8192))
+                              db_chunk=cfg.get("db_chunk"))
   out = {}
   for k in ks:
     name = "knn_top1" if k == 1 else f"knn{k}_top1"

@@ -51,12 +51,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     weights = [1.0]
   input_pipeline.validate_batch_size(
       config, sharding.num_batch_shards(mesh), jax.process_count())
-  info = prepare.check_dataset(
-      config.dataset.name, config.dataset.get("data_dir"),
-      [config.dataset.train_split, config.dataset.eval_split],
-      config.dataset.get("image_key", "image"),
-      config.dataset.get("label_key", "label"),
-      config.dataset.num_classes)
+  info = prepare.check_config(config)
   models.check_variant(config)
   return dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
               ff_dim=ff_dim, dataset=info)
@@ -82,7 +77,7 @@ def build_model(config, facts, *, rngs: nnx.Rngs) -> nnx.Module:
       ff_dim=facts["ff_dim"], rngs=rngs)
   return models.get_model(
       config, num_classes=config.dataset.num_classes, head=head,
-      channels=facts["dataset"]["channels"], rngs=rngs)
+      channels=facts["dataset"].image_shape[-1], rngs=rngs)
 
 
 def _decay_mask(params):
@@ -165,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Mesh first: the config checks need the number of batch shards.
   mesh = sharding.create_mesh(config.mesh)
   facts = check_config(config, mesh)
-  total_steps = num_train_steps(config, facts["dataset"]["splits"][config.dataset.train_split])
+  total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -289,7 +284,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.create_mesh(config.mesh)
   facts = check_config(config, mesh)
   task = Task(config, facts)
-  total_steps = num_train_steps(config, facts["dataset"]["splits"][config.dataset.train_split])
+  total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   tx = build_optimizer(config, total_steps)
   abstract_state = jax.eval_shape(functools.partial(task.init_state, tx))
   abstract_state = jax.tree.map(

@@ -7,3 +7,39 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def build_fake_image_dataset(data_dir, name="fake_images", *, num_train=192,
+                             num_test=64, shape=(8, 8, 1), num_classes=4,
+                             file_format="array_record"):
+  """A small learnable TFDS image dataset: each class is a brightness band."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=shape),
+      "label": tfds.features.ClassLabel(num_classes=num_classes),
+  })
+
+  def examples(n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      label = i % num_classes
+      base = 30 + 200 * label / max(num_classes - 1, 1)
+      img = np.clip(base + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
+      yield i, {"image": img, "label": label}
+
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version="1.0.0", features=features,
+      split_datasets={"train": examples(num_train, 0), "test": examples(num_test, 1)},
+      config=None, data_dir=str(data_dir), file_format=file_format,
+      disable_shuffling=True)
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def fake_dataset_dir(tmp_path_factory):
+  """Directory holding the TFDS dataset 'fake_images' (array_record)."""
+  return build_fake_image_dataset(tmp_path_factory.mktemp("tfds"))

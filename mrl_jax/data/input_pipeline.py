@@ -1,0 +1,375 @@
+"""Input pipelines: Grain over TFDS `array_record` data sources.
+
+Every process reads only its own slice of a split and produces *host-local*
+numpy batches of `global_batch // process_count` rows; `make_global_batch`
+turns them into global `jax.Array`s sharded over the batch axes of the mesh.
+
+Train (`create_train_loader`): a `grain.DataLoader` with an `IndexSampler`:
+seeded shuffle, infinite epochs (each epoch reshuffled), per-example random
+augmentation seeded by the sampler. Its iterator's state is a few bytes of
+JSON, so resuming from a checkpoint replays exactly the batches that an
+uninterrupted run would have seen. Checkpoint it with Orbax via
+
+    ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(train_iter))
+    ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(train_iter))
+
+Eval (`create_eval_iterator`): deterministic order, no augmentation, every
+example of the split exactly once across processes. Every process yields the
+same number of equally sized batches (collectives in the eval step must line
+up), so the tail is padded with zeros and `mask` says which rows are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mrl_jax.data import preprocess
+
+Batch = dict[str, np.ndarray]
+
+
+def _process_index_and_count(
+    process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+  """Defaults to this JAX process; explicit values let tests emulate a pod."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(
+        f'process_index={index} not in [0, process_count={count}).'
+    )
+  return index, count
+
+
+def _data_source(config, split: str):
+  # download=False: preparing a dataset is `mrl_jax.data.prepare`'s job, and
+  # `prepare.check_config` has already said how to do it if it is missing.
+  # Otherwise TFDS would silently start a (possibly hours long) download here.
+  return tfds.data_source(
+      config.dataset.name,
+      data_dir=config.dataset.get('data_dir'),
+      split=split,
+      download=False,
+  )
+
+
+def local_batch_size(
+    batch_size: int, process_count: int, field: str = 'config.batch_size'
+) -> int:
+  """Rows per process of a global batch."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(
+        f'{field}={batch_size} must be a positive multiple of the number of'
+        f' processes ({process_count}); e.g. use'
+        f' {max(1, round(batch_size / process_count)) * process_count}.'
+    )
+  return batch_size // process_count
+
+
+def validate_batch_size(
+    config,
+    num_data_shards: int,
+    process_count: int,
+    *,
+    field: str = 'batch_size',
+) -> None:
+  """Raises if the global batch can't be split evenly over shards and hosts.
+
+  Args:
+    config: the experiment config.
+    num_data_shards: devices the batch is split over (mesh 'data' x 'fsdp').
+    process_count: number of JAX processes (each loads its rows).
+    field: the config field holding the batch size ('batch_size',
+      'eval_batch_size', ...).
+  """
+  batch_size = config[field]
+  multiple = math.lcm(num_data_shards, process_count)
+  if batch_size <= 0 or batch_size % multiple:
+    suggestion = max(1, round(batch_size / multiple)) * multiple
+    raise ValueError(
+        f'config.{field}={batch_size} must be a positive multiple of the'
+        f' {num_data_shards} data shards (mesh data x fsdp) and of the'
+        f' {process_count} processes, i.e. of {multiple}. Set e.g.'
+        f' --config.{field}={suggestion}.'
+    )
+
+
+def _preprocess_options(config, source) -> dict[str, Any]:
+  """Transform fields shared by train and eval, from config + dataset info."""
+  image_key = config.dataset.get('image_key', 'image')
+  image_shape = source.dataset_info.features[image_key].shape
+  mean = config.input.get('mean')
+  std = config.input.get('std')
+  return dict(
+      image_key=image_key,
+      label_key=config.dataset.get('label_key', 'label'),
+      image_size=config.input.image_size,
+      small=preprocess.is_small_image(image_shape),
+      mean=None if mean is None else tuple(mean),
+      std=None if std is None else tuple(std),
+  )
+
+
+def _grain_seed(seed: int) -> int:
+  """Config seed -> 32-bit Grain seed, decorrelated across nearby seeds.
+
+  Grain derives the epoch-e shuffle from `seed + e` and the record-i
+  augmentation stream from `seed + i`, so seeds 0 and 1 would see the same
+  shuffles one epoch apart. Hashing the seed first avoids that.
+  """
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(
+        f'config.seed={seed!r} must be a non-negative integer; set e.g.'
+        ' --config.seed=0.'
+    )
+  return int(np.random.SeedSequence(int(seed)).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------ train --
+
+
+def create_train_loader(
+    config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+) -> grain.DataLoader:
+  """Infinite, shuffled, augmented training batches for this process.
+
+  Args:
+    config: uses config.dataset.{name, data_dir, train_split, image_key,
+      label_key}, config.input.{image_size, augment, crop_padding, mean, std,
+      worker_count, read_threads, shuffle_seed}, config.batch_size, config.seed.
+    process_index: defaults to `jax.process_index()`.
+    process_count: defaults to `jax.process_count()`.
+    seed: overrides config.input.shuffle_seed / config.seed.
+
+  Returns:
+    A `grain.DataLoader`; `iter()` of it yields {'image': float32 [b, H, W, C],
+    'label': int32 [b]} with b = config.batch_size // process_count, and has
+    `get_state()` / `set_state()`.
+  """
+  index, count = _process_index_and_count(process_index, process_count)
+  batch = local_batch_size(config.batch_size, count)
+  if seed is None:
+    seed = config.input.get('shuffle_seed')
+  if seed is None:
+    seed = config.seed
+  source = _data_source(config, config.dataset.train_split)
+  options = _preprocess_options(config, source)
+  image_shape = source.dataset_info.features[options['image_key']].shape
+  transform = preprocess.TrainTransform(
+      **options,
+      augment=preprocess.resolve_augment(
+          config.input.get('augment', 'auto'), image_shape
+      ),
+      crop_padding=config.input.get('crop_padding', 4),
+  )
+  # Each process owns a contiguous 1/count of the records (the remainder is
+  # dropped so that all processes take the same number of steps per epoch)
+  # and shuffles within it; together the processes cover the split once per
+  # epoch.
+  shard = grain.sharding.ShardOptions(
+      shard_index=index, shard_count=count, drop_remainder=True
+  )
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=shard,
+      shuffle=True,
+      num_epochs=None,
+      seed=_grain_seed(seed),
+  )
+  worker_count = config.input.get('worker_count', 0)
+  read_threads = config.input.get('read_threads', 0)
+  if worker_count:
+    _allow_grain_workers()
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=[
+          transform,
+          grain.transforms.Batch(batch_size=batch, drop_remainder=True),
+      ],
+      worker_count=worker_count,
+      shard_options=shard,
+      # Record decoding (proto parse + PNG) is GIL-bound Python, so reader
+      # threads mostly contend with the transforms; on local disk 0 threads
+      # measured fastest. Scale with worker_count (processes) instead, and
+      # raise read_threads only for high-latency storage.
+      read_options=grain.ReadOptions(
+          num_threads=read_threads, prefetch_buffer_size=4 * read_threads
+      ),
+  )
+
+
+def _allow_grain_workers() -> None:
+  """Grain worker processes read absl flags; parse them if nobody did.
+
+  Under `absl.app.run` (our `main`) this is a no-op; in notebooks and tests the
+  workers would otherwise fail with UnparsedFlagAccessError.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+# ------------------------------------------------------------------- eval --
+
+
+def num_eval_batches(
+    num_examples: int, batch_size: int, process_count: int
+) -> int:
+  """Batches each process yields for a split of `num_examples`.
+
+  The largest per-process slice (ceil(N / P)) decides; smaller slices pad.
+  """
+  local = local_batch_size(batch_size, process_count, 'eval batch_size')
+  largest_slice = _ceil_div(num_examples, process_count)
+  return _ceil_div(largest_slice, local)
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+  """This process's padded eval batches of one split; iterable many times.
+
+  Attributes:
+    image_shape: [H, W, C] of the output images.
+    num_examples: examples in the whole split (sum of `mask` over processes).
+    num_batches: batches every process yields (also `len(self)`).
+    batch_size: rows per batch on this process.
+    start, stop: this process's slice [start, stop) of the split.
+    worker_count: Grain worker processes decoding batches (0 = in-process).
+  """
+
+  source: Any
+  transform: preprocess.EvalTransform
+  image_shape: tuple[int, int, int]
+  num_examples: int
+  num_batches: int
+  batch_size: int
+  start: int
+  stop: int
+  worker_count: int = 0
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[Batch]:
+    if not self.worker_count:
+      return map(self.read_batch, range(self.num_batches))
+    # Batch `step` is a pure function of `step`, so Grain can farm batches out
+    # to worker processes and still return them in order.
+    _allow_grain_workers()
+    batches = grain.MapDataset.range(self.num_batches).map(self.read_batch)
+    return iter(
+        batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=self.worker_count)
+        )
+    )
+
+  def read_batch(self, step: int) -> Batch:
+    """The `step`-th padded batch of this process's slice."""
+    first = self.start + step * self.batch_size
+    indices = list(range(first, min(first + self.batch_size, self.stop)))
+    # One batched read: array_record fetches the records together.
+    records = self.source.__getitems__(indices) if indices else []
+    examples = [self.transform.map(r) for r in records]
+    return self._pad(
+        [e['image'] for e in examples], [e['label'] for e in examples]
+    )
+
+  def _pad(self, images: list[np.ndarray], labels: list[np.int32]) -> Batch:
+    n = len(images)
+    image = np.zeros((self.batch_size, *self.image_shape), np.float32)
+    label = np.zeros((self.batch_size,), np.int32)
+    mask = np.zeros((self.batch_size,), np.int32)
+    if n:
+      image[:n] = np.stack(images)
+      label[:n] = labels
+      mask[:n] = 1
+    return {'image': image, 'label': label, 'mask': mask}
+
+
+def create_eval_iterator(
+    config,
+    split: str,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalBatches:
+  """Deterministic, unaugmented, padded batches of this process's slice.
+
+  Args:
+    config: as for `create_train_loader` (augmentation fields unused).
+    split: TFDS split, e.g. config.dataset.eval_split or 'train[:10%]'.
+    batch_size: global eval batch size; each batch has batch_size //
+      process_count rows.
+    process_index: defaults to `jax.process_index()`.
+    process_count: defaults to `jax.process_count()`.
+
+  Returns:
+    An iterable of {'image': float32 [b, H, W, C], 'label': int32 [b],
+    'mask': int32 [b]} (mask 1 = real example, 0 = padding); `len()` is the
+    number of batches, the same on every process.
+  """
+  index, count = _process_index_and_count(process_index, process_count)
+  local = local_batch_size(batch_size, count, 'eval batch_size')
+  source = _data_source(config, split)
+  num_examples = len(source)
+  # Contiguous slices whose sizes differ by at most one, covering the split.
+  start, stop = _even_slice(num_examples, index, count)
+  options = _preprocess_options(config, source)
+  height, width = preprocess.image_hw(options['image_size'])
+  feature_shape = source.dataset_info.features[options['image_key']].shape
+  channels = feature_shape[-1] if len(feature_shape) == 3 else 1
+  return EvalBatches(
+      source=source,
+      transform=preprocess.EvalTransform(**options),
+      image_shape=(height, width, channels),
+      num_examples=num_examples,
+      num_batches=num_eval_batches(num_examples, batch_size, count),
+      batch_size=local,
+      start=start,
+      stop=stop,
+      worker_count=config.input.get('worker_count', 0),
+  )
+
+
+def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
+  base, remainder = divmod(num_examples, count)
+  start = index * base + min(index, remainder)
+  return start, start + base + (index < remainder)
+
+
+# ---------------------------------------------------------- global arrays --
+
+
+def make_global_batch(
+    batch: Batch, sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global `jax.Array`s with the batch dim sharded.
+
+  Args:
+    batch: this process's rows, e.g. from `create_train_loader`.
+    sharding: typically `NamedSharding(mesh, P(('data', 'fsdp')))`; the one
+      sharding is used for every leaf (trailing dims replicated).
+
+  Returns:
+    The same structure with global arrays of process_count x the local rows.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+  )

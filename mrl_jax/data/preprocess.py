@@ -1,0 +1,294 @@
+"""Per-example image preprocessing in numpy, run inside Grain workers.
+
+Everything here works on one decoded example at a time: a uint8 image of shape
+[H, W, C] as TFDS returns it. There is deliberately no TensorFlow and no JAX in
+this module: Grain runs these functions in (possibly forked) host worker
+processes, where importing an accelerator runtime would be slow at best and
+would grab the device at worst. Randomness comes from the per-record
+`np.random.Generator` that Grain derives from the sampler seed and the record's
+position in the stream, which is what makes augmentation reproducible and
+resumable from a checkpointed iterator state.
+
+Pixel conventions: augmentation ops keep the input dtype (uint8 in, uint8 out),
+`normalize` is the single place where images become float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+# Images whose longer side is at most this are "small" (MNIST, CIFAR, SVHN...):
+# they are trained with pad-and-crop + flip and evaluated at full view. Larger
+# images (ImageNet-like) get Inception crops and a resize + central crop eval.
+SMALL_IMAGE_MAX_SIDE = 64
+# Standard ImageNet eval: resize so that the central crop covers 87.5% of the
+# shorter side.
+EVAL_CROP_FRACTION = 0.875
+
+AUGMENTATIONS = ('auto', 'crop_flip', 'inception_crop', 'none')
+
+Size = int | Sequence[int]
+
+
+def image_hw(size: Size) -> tuple[int, int]:
+  if isinstance(size, int):
+    return size, size
+  height, width = size
+  return int(height), int(width)
+
+
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+  """Grayscale datasets sometimes store [H, W]; give every image channels."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    return image[..., None]
+  if image.ndim != 3:
+    raise ValueError(f'Expected an image [H, W, C], got shape {image.shape}.')
+  return image
+
+
+# ------------------------------------------------------------------ geometry --
+
+
+def pad_and_random_crop(
+    image: np.ndarray, pad: int, rng: np.random.Generator
+) -> np.ndarray:
+  """Zero-pads `pad` pixels on each side, then crops back to the input size.
+
+  The CIFAR-style augmentation: the content is translated by up to `pad` pixels
+  in each direction, and the border it reveals is black (zero before
+  normalisation).
+  """
+  if pad <= 0:
+    return image
+  height, width = image.shape[:2]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  top = int(rng.integers(0, 2 * pad + 1))
+  left = int(rng.integers(0, 2 * pad + 1))
+  return padded[top : top + height, left : left + width]
+
+
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Mirrors the image left-right with probability 1/2."""
+  if rng.random() < 0.5:
+    return image[:, ::-1]
+  return image
+
+
+def inception_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+  """Random crop covering a random area fraction and aspect ratio.
+
+  Same sampling as torchvision's `RandomResizedCrop` / the Inception paper:
+  area uniform in `area_range` (as a fraction of the image), aspect ratio
+  log-uniform in `ratio`; up to 10 attempts to find a crop that fits, else a
+  central crop with the aspect ratio clamped to `ratio`. The crop is returned
+  unresized; follow it with `resize`.
+  """
+  height, width = image.shape[:2]
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(*area_range)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    crop_w = int(round(math.sqrt(target_area * aspect)))
+    crop_h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < crop_w <= width and 0 < crop_h <= height:
+      top = int(rng.integers(0, height - crop_h + 1))
+      left = int(rng.integers(0, width - crop_w + 1))
+      return image[top : top + crop_h, left : left + crop_w]
+  # Fallback: the whole image, trimmed to the nearest allowed aspect ratio.
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    crop_w, crop_h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    crop_h, crop_w = height, int(round(height * ratio[1]))
+  else:
+    crop_w, crop_h = width, height
+  return central_crop(image, (crop_h, crop_w))
+
+
+def central_crop(image: np.ndarray, size: Size) -> np.ndarray:
+  crop_h, crop_w = image_hw(size)
+  height, width = image.shape[:2]
+  if crop_h > height or crop_w > width:
+    raise ValueError(f'Cannot crop {(crop_h, crop_w)} out of {image.shape}.')
+  top = (height - crop_h) // 2
+  left = (width - crop_w) // 2
+  return image[top : top + crop_h, left : left + crop_w]
+
+
+def resize(image: np.ndarray, size: Size) -> np.ndarray:
+  """Bilinear resize to `size` (int = square), keeping dtype and channels.
+
+  PIL's bilinear filter widens its support when downscaling, so large
+  reductions are antialiased (unlike a plain 4-tap bilinear lookup).
+  """
+  out_h, out_w = image_hw(size)
+  if image.shape[:2] == (out_h, out_w):
+    return image
+  channels = image.shape[2]
+  if image.dtype == np.uint8 and channels in (1, 3):
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    out = np.asarray(pil.resize((out_w, out_h), Image.Resampling.BILINEAR))
+    return out.reshape(out_h, out_w, channels)
+  # Any other dtype / channel count: resize each channel as a float image.
+  planes = [
+      np.asarray(
+          Image.fromarray(image[..., c].astype(np.float32)).resize(
+              (out_w, out_h), Image.Resampling.BILINEAR
+          )
+      )
+      for c in range(channels)
+  ]
+  return np.stack(planes, axis=-1).astype(image.dtype)
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  return resize(
+      image, (max(size, round(height * scale)), max(size, round(width * scale)))
+  )
+
+
+def normalize(
+    image: np.ndarray,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+  """uint8 [0, 255] -> float32 `(x / 255 - mean) / std`, per channel.
+
+  `mean` and `std` are in [0, 1] units (e.g. ImageNet's (0.485, 0.456, 0.406)).
+  None means 0.5 for both, i.e. pixels scaled to [-1, 1].
+  """
+  x = image.astype(np.float32) * np.float32(1 / 255)
+  mean = np.asarray(0.5 if mean is None else mean, np.float32)
+  std = np.asarray(0.5 if std is None else std, np.float32)
+  channels = image.shape[-1]
+  for field, value in (('mean', mean), ('std', std)):
+    # Broadcasting would silently turn a grayscale image into 3 channels.
+    if value.size not in (1, channels):
+      raise ValueError(
+          f'config.input.{field}={value.tolist()} has {value.size} values but'
+          f' the images have {channels} channel(s); give 1 or {channels}.'
+      )
+  return (x - mean) / std
+
+
+# ------------------------------------------------------------ policy choice --
+
+
+def is_small_image(image_shape: Sequence[int | None] | None) -> bool:
+  """True when the dataset's (static) image side is <= SMALL_IMAGE_MAX_SIDE.
+
+  Datasets with variable image sizes (shape entries None) count as large.
+  """
+  if image_shape is None or len(image_shape) < 2:
+    return False
+  height, width = image_shape[:2]
+  if height is None or width is None:
+    return False
+  return max(height, width) <= SMALL_IMAGE_MAX_SIDE
+
+
+def resolve_augment(
+    augment: str, image_shape: Sequence[int | None] | None
+) -> str:
+  """Maps 'auto' to 'crop_flip' (small images) or 'inception_crop' (large)."""
+  if augment not in AUGMENTATIONS:
+    raise ValueError(
+        f'config.input.augment={augment!r} is not one of {AUGMENTATIONS}; set'
+        " e.g. --config.input.augment=auto."
+    )
+  if augment != 'auto':
+    return augment
+  return 'crop_flip' if is_small_image(image_shape) else 'inception_crop'
+
+
+def eval_image(image: np.ndarray, image_size: Size, small: bool) -> np.ndarray:
+  """Deterministic view of `image` at `image_size` (uint8 in, uint8 out).
+
+  Small images are resized whole (a no-op at native size). Large ones follow
+  the ImageNet protocol: shorter side to image_size / 0.875, central crop.
+  """
+  if small:
+    return resize(image, image_size)
+  out_h, out_w = image_hw(image_size)
+  image = resize_shorter_side(
+      image, int(math.ceil(max(out_h, out_w) / EVAL_CROP_FRACTION))
+  )
+  return central_crop(image, (out_h, out_w))
+
+
+# ------------------------------------------------------- Grain transforms --
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """What both transforms need.
+
+  Frozen: Grain may call a transform from several threads at once, so it must
+  not hold mutable state.
+  """
+
+  image_key: str = 'image'
+  label_key: str = 'label'
+  image_size: Size = 224
+  small: bool = False
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  def output(self, image: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        'image': normalize(image, self.mean, self.std),
+        'label': np.int32(record[self.label_key]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(_Options, grain.transforms.RandomMap):
+  """Dataset record -> {'image': float32 [H, W, C], 'label': int32}, augmented.
+
+  `augment` must already be resolved (not 'auto'); see `resolve_augment`.
+  """
+
+  augment: str = 'crop_flip'
+  crop_padding: int = 4
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator):
+    image = _as_hwc(element[self.image_key])
+    if self.augment == 'crop_flip':
+      # Translate + mirror at native resolution, then bring to model size.
+      image = pad_and_random_crop(image, self.crop_padding, rng)
+      image = random_flip(image, rng)
+      image = resize(image, self.image_size)
+    elif self.augment == 'inception_crop':
+      image = inception_crop(image, rng)
+      image = resize(image, self.image_size)
+      image = random_flip(image, rng)
+    elif self.augment == 'none':
+      image = eval_image(image, self.image_size, self.small)
+    else:
+      raise ValueError(f'Unresolved augmentation {self.augment!r}.')
+    return self.output(image, element)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform(_Options, grain.transforms.Map):
+  """Dataset record -> {'image': float32 [H, W, C], 'label': int32}, fixed."""
+
+  def map(self, element: dict[str, Any]):
+    image = _as_hwc(element[self.image_key])
+    image = eval_image(image, self.image_size, self.small)
+    return self.output(image, element)

@@ -1,0 +1,134 @@
+"""End-to-end: training, evaluation outputs, exact resume, config errors."""
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mrl_jax import train
+from configs import fashion_mnist_vit
+
+
+def small_config(data_dir, **overrides):
+  config = fashion_mnist_vit.get_config("mrl")
+  config.dataset.name = "fake_images"
+  config.dataset.data_dir = data_dir
+  config.dataset.num_classes = 4
+  config.input.image_size = 8
+  config.input.crop_padding = 1
+  config.model.variant = "Mu/4"
+  config.model.representation_size = 16
+  config.mrl.nesting_dims = [4, 8, 16]
+  config.batch_size = 32
+  config.eval_batch_size = 32
+  config.num_epochs = -1
+  config.num_train_steps = 6
+  config.optimizer.warmup_steps = 2
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 3
+  for k, v in overrides.items():
+    node = config
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return config
+
+
+def _final_params(workdir):
+  mngr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, jax.tree.leaves(state["state"]["params"])
+
+
+def test_train_writes_results_at_every_dim(fake_dataset_dir, tmp_path):
+  config = small_config(fake_dataset_dir)
+  results = train.run(config, str(tmp_path))
+  on_disk = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["step"] == 6
+  assert on_disk["nesting_dims"] == [4, 8, 16]
+  assert on_disk["eval_dims"] == [4, 6, 8, 12, 16]
+  assert set(on_disk["metrics"]["linear_top1"]) == {"4", "8", "16"}
+  assert set(on_disk["metrics"]["knn_top1"]) == {"4", "6", "8", "12", "16"}
+  for per_dim in on_disk["metrics"].values():
+    assert all(0.0 <= v <= 1.0 for v in per_dim.values())
+  assert (tmp_path / "eval" / "report.md").read_text().count("|") > 10
+  assert (tmp_path / "eval" / "accuracy_vs_dim.png").stat().st_size > 1000
+  assert (tmp_path / "config.json").exists()
+  # Re-running a finished run resumes at the end: no training, same results.
+  again = train.run(config, str(tmp_path))
+  assert again["step"] == 6
+  assert again["metrics"] == results["metrics"]
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch):
+  """6 steps straight == 3 steps, a crash, and a restart that does the rest."""
+  straight = tmp_path / "straight"
+  train.run(small_config(fake_dataset_dir), str(straight))
+
+  resumed = tmp_path / "resumed"
+  make_global_batch = train.input_pipeline.make_global_batch
+  calls = {"n": 0}
+
+  def crash_after_three(batch, batch_sharding):
+    calls["n"] += 1
+    if calls["n"] > 3:
+      raise _Interrupt()  # like a kill between step 3's checkpoint and step 4
+    return make_global_batch(batch, batch_sharding)
+
+  monkeypatch.setattr(train.input_pipeline, "make_global_batch", crash_after_three)
+  with pytest.raises(_Interrupt):
+    train.run(small_config(fake_dataset_dir), str(resumed))
+  monkeypatch.setattr(train.input_pipeline, "make_global_batch", make_global_batch)
+  train.run(small_config(fake_dataset_dir), str(resumed))
+
+  step_a, params_a = _final_params(straight)
+  step_b, params_b = _final_params(resumed)
+  assert step_a == step_b == 6
+  for a, b in zip(params_a, params_b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(fake_dataset_dir, tmp_path):
+  config = small_config(fake_dataset_dir)
+  config.optimizer.learning_rate = 1e30  # diverges immediately
+  config.optimizer.grad_clip_norm = None
+  config.optimizer.warmup_steps = 0
+  config.checkpoint_every_steps = 1
+  with pytest.raises(FloatingPointError, match="Non-finite loss"):
+    train.run(config, str(tmp_path))
+  mngr = ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state", "data"))
+  steps = mngr.all_steps()
+  mngr.close()
+  # Nothing non-finite was ever saved: any checkpoint present has finite params.
+  for step in steps:
+    _, leaves = _final_params(tmp_path)
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"mrl.nesting_dims": [8, 4, 16]}, "config.mrl.nesting_dims"),
+    ({"mrl.nesting_dims": [0, 8, 16]}, "config.mrl.nesting_dims"),
+    ({"mrl.nesting_dims": [4, 8, 12]}, "config.mrl.nesting_dims"),
+    ({"mrl.weights": [1.0, 1.0]}, "config.mrl.weights"),
+    ({"batch_size": 36}, "config.batch_size"),
+    ({"model.variant": "Q/16"}, "config.model.variant"),
+    ({"dataset.name": "no_such_dataset"}, "prepare"),
+    ({"dataset.image_key": "picture"}, "config.dataset.image_key"),
+    ({"dataset.label_key": "class"}, "config.dataset.label_key"),
+    ({"dataset.num_classes": 3}, "config.dataset.num_classes"),
+    ({"mesh.fsdp": 3}, "config.mesh"),
+])
+def test_bad_config_fails_before_compute(fake_dataset_dir, tmp_path, override, field):
+  config = small_config(fake_dataset_dir, **override)
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    train.run(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
