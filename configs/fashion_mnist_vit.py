@@ -31,13 +31,15 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict()
   config.input.image_size = 28
-  config.input.augment = "crop_flip"
+  # Mirror only: with ~10 epochs, random crops cost more than they give.
+  config.input.augment = "flip"
   config.input.crop_padding = 2
   config.input.worker_count = 0
+  config.input.cache = True  # decode the 70k images once, keep them in memory
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"
-  config.model.variant = "N/4"
+  config.model.variant = "N/7"
   config.model.pool_type = "gap"
   config.model.posemb = "sincos2d"
   config.model.representation_size = 64
@@ -52,21 +54,23 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 2e-3
+  config.optimizer.learning_rate = 3e-3
   config.optimizer.weight_decay = 0.05
   config.optimizer.b2 = 0.99
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 200
-  config.optimizer.grad_clip_norm = 1.0
+  # The loss is a sum over nesting dims, so gradients are larger than for one
+  # head; clipping at 1.0 measurably slowed training here.
+  config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
-  config.batch_size = 256
+  config.batch_size = 128
   config.eval_batch_size = 1000
-  config.num_epochs = 12
+  config.num_epochs = 15
   config.num_train_steps = -1
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = 500
   config.eval_every_steps = -1  # only at the end
 
   config.evals = ml_collections.ConfigDict()

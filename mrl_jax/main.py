@@ -8,6 +8,7 @@ same command in the same workdir resumes from the latest checkpoint.
 Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I.
 """
+import logging as std_logging
 import os
 
 from absl import app
@@ -30,8 +31,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps library INFO chatter (every checkpoint write, dataset load) off the console."""
+
+  _PATHS = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        p in record.pathname for p in self._PATHS)
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # TFDS and TensorFlow must never claim an accelerator that JAX owns.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if _COORDINATOR.value or _NUM_PROCESSES.value:

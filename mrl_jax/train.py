@@ -49,8 +49,10 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
           f"config.mrl.ff_dim={ff_dim} must be in [1, "
           f"config.model.representation_size={config.model.representation_size}].")
     weights = [1.0]
-  input_pipeline.validate_batch_size(
-      config, sharding.num_batch_shards(mesh), jax.process_count())
+  for field in ("batch_size", "eval_batch_size"):
+    if field in config:
+      input_pipeline.validate_batch_size(
+          config, sharding.num_batch_shards(mesh), jax.process_count(), field=field)
   info = prepare.check_config(config)
   models.check_variant(config)
   return dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
@@ -260,11 +262,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      scalars["loss"], scalars["images_per_sec"], 100 * step / total_steps)
         t0, images_since = time.perf_counter(), 0
 
-      if (ckpt_every and step % ckpt_every == 0) or last:
+      if (ckpt_every > 0 and step % ckpt_every == 0) or last:
         _check_finite(step, metrics, ckpt)
         ckpt.save(step, state, train_iter, force=True)
 
-      if eval_every and step % eval_every == 0 and not last:
+      if eval_every > 0 and step % eval_every == 0 and not last:
         results = evaluate.evaluate(config, facts, task, state, mesh, step=step)
         _write_eval_scalars(writer, step, results)
 

@@ -53,12 +53,70 @@ def _data_source(config, split: str):
   # download=False: preparing a dataset is `mrl_jax.data.prepare`'s job, and
   # `prepare.check_config` has already said how to do it if it is missing.
   # Otherwise TFDS would silently start a (possibly hours long) download here.
-  return tfds.data_source(
+  source = tfds.data_source(
       config.dataset.name,
       data_dir=config.dataset.get('data_dir'),
       split=split,
       download=False,
   )
+  if config.input.get('cache', False):
+    key = (config.dataset.name, config.dataset.get('data_dir'), split)
+    if key not in _CACHE:
+      _CACHE[key] = InMemorySource(source)
+    return _CACHE[key]
+  return source
+
+
+# Decoded splits of this process, shared by the train loader and the evals.
+_CACHE: dict[tuple[Any, ...], 'InMemorySource'] = {}
+
+
+def _concatenate(chunks: list[np.ndarray]) -> np.ndarray:
+  try:
+    return np.concatenate(chunks)
+  except ValueError:  # ragged across chunks (e.g. images of varying size)
+    out = np.empty(sum(len(c) for c in chunks), dtype=object)
+    out[:] = [x for c in chunks for x in c]
+    return out
+
+
+class InMemorySource:
+  """A TFDS data source decoded once into host memory (`config.input.cache`).
+
+  For small datasets (MNIST-size, CIFAR) the per-example record read and PNG
+  decode cost more than the model step on a CPU; decoding once removes them.
+  The records, their order and indices are those of the wrapped source, so
+  shuffles, shards and checkpointed iterator states are unchanged.
+  """
+
+  def __init__(self, source, read_batch: int = 4096):
+    self.dataset_info = source.dataset_info
+    n = len(source)
+    columns: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, read_batch):
+      records = source.__getitems__(list(range(start, min(start + read_batch, n))))
+      for key in records[0] if records else ():
+        values = [r[key] for r in records]
+        try:
+          columns.setdefault(key, []).append(np.stack(values))
+        except ValueError:  # ragged within the chunk
+          ragged = np.empty(len(values), dtype=object)
+          ragged[:] = values
+          columns.setdefault(key, []).append(ragged)
+    self._columns = {k: _concatenate(v) for k, v in columns.items()}
+    self._len = n
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self._columns.items()}
+
+  def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f'InMemorySource({self.dataset_info.name}, {self._len} records)'
 
 
 def local_batch_size(
