@@ -180,11 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = build_optimizer(config, total_steps)
   schedule = build_schedule(config, total_steps)
   init_fn = functools.partial(task.init_state, tx)
-  abstract_state = jax.eval_shape(init_fn)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
+  abstract_state, state_sharding = _abstract_state(init_fn, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
                config.model.variant, num_params / 1e6)
@@ -239,44 +235,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_every = config.get("eval_every_steps", 0)
   pending = None  # (step, metrics) of the last dispatched step
   t0, images_since = time.perf_counter(), 0
-  with jax.set_mesh(mesh):
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
-        state, metrics = train_step(state, batch)
-      images_since += config.batch_size
-      if pending is not None:
-        _check_finite(*pending, ckpt)
-      pending = (step, metrics)
-      progress(step)
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
+          state, metrics = train_step(state, batch)
+        images_since += config.batch_size
+        if pending is not None:
+          _check_finite(*pending, ckpt)
+        pending = (step, metrics)
+        progress(step)
 
-      last = step == total_steps
-      if step % config.log_every_steps == 0 or last:
-        _check_finite(step, metrics, ckpt)
-        dt = time.perf_counter() - t0
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        scalars["images_per_sec"] = images_since / dt
-        scalars["learning_rate"] = float(schedule(step))
-        writer.write_scalars(step, scalars)
-        logging.info("step %d/%d  loss %.4f  %.0f img/s  (%.1f%%)", step, total_steps,
-                     scalars["loss"], scalars["images_per_sec"], 100 * step / total_steps)
-        t0, images_since = time.perf_counter(), 0
+        last = step == total_steps
+        if step % config.log_every_steps == 0 or last:
+          _check_finite(step, metrics, ckpt)
+          dt = time.perf_counter() - t0
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          scalars["images_per_sec"] = images_since / dt
+          scalars["learning_rate"] = float(schedule(step))
+          writer.write_scalars(step, scalars)
+          logging.info("step %d/%d  loss %.4f  %.0f img/s  (%.1f%%)", step, total_steps,
+                       scalars["loss"], scalars["images_per_sec"], 100 * step / total_steps)
+          t0, images_since = time.perf_counter(), 0
 
-      if (ckpt_every > 0 and step % ckpt_every == 0) or last:
-        _check_finite(step, metrics, ckpt)
-        ckpt.save(step, state, train_iter, force=True)
+        if (ckpt_every > 0 and step % ckpt_every == 0) or last:
+          _check_finite(step, metrics, ckpt)
+          ckpt.save(step, state, train_iter, force=True)
 
-      if eval_every > 0 and step % eval_every == 0 and not last:
-        results = evaluate.evaluate(config, facts, task, state, mesh, step=step)
-        _write_eval_scalars(writer, step, results)
+        if eval_every > 0 and step % eval_every == 0 and not last:
+          results = evaluate.evaluate(config, facts, task, state, mesh, step=step)
+          _write_eval_scalars(writer, step, results)
 
-  ckpt.wait_until_finished()
-  # Final evaluation at every dimension, written to workdir/eval.
-  results = evaluate.evaluate(config, facts, task, state, mesh, step=int(state["step"]),
-                              outdir=workdir / "eval")
-  _write_eval_scalars(writer, int(state["step"]), results)
-  writer.flush()
-  ckpt.close()
+    ckpt.wait_until_finished()
+    # Final evaluation at every dimension, written to workdir/eval.
+    results = evaluate.evaluate(config, facts, task, state, mesh, step=int(state["step"]),
+                                outdir=workdir / "eval")
+    _write_eval_scalars(writer, int(state["step"]), results)
+  finally:
+    # Also on Ctrl-C or an error: an in-flight checkpoint still commits and
+    # buffered metrics reach disk.
+    ckpt.close()
+    writer.close()
   return results
 
 
@@ -288,10 +288,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   task = Task(config, facts)
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   tx = build_optimizer(config, total_steps)
-  abstract_state = jax.eval_shape(functools.partial(task.init_state, tx))
-  abstract_state = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
-      abstract_state)
+  abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
   latest = ckpt.latest_step()
   if latest is None:
@@ -304,6 +301,16 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 outdir=workdir / "eval")
   ckpt.close()
   return results
+
+
+def _abstract_state(init_fn, mesh):
+  """Shapes, dtypes and shardings of the train state, without allocating it."""
+  shapes = jax.eval_shape(init_fn)
+  # Data parallel: the state is replicated (FSDP/tensor rules come with the mesh rules).
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
+  return abstract, state_sharding
 
 
 def _check_finite(step, metrics, ckpt):

@@ -539,6 +539,36 @@ def test_crop_flip_transform_only_shifts_and_flips():
   np.testing.assert_array_equal(a['image'], b['image'])
 
 
+def test_flip_transform_only_flips():
+  image = np.random.default_rng(1).integers(1, 256, (8, 8, 1), np.uint8)
+  transform = preprocess.TrainTransform(
+      image_size=8, small=True, augment='flip', mean=(0.0,), std=(1.0,))
+  outs = set()
+  for seed in range(20):
+    out = transform.random_map({'image': image, 'label': 3},
+                               np.random.default_rng(seed))
+    outs.add(np.rint(out['image'] * 255).astype(np.uint8).tobytes())
+  assert outs == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+def test_in_memory_cache_gives_the_same_batches(data_dir):
+  plain = _config(data_dir, augment='crop_flip')
+  cached = _config(data_dir, augment='crop_flip', cache=True)
+  a = _take(iter(input_pipeline.create_train_loader(plain)), 3)
+  b = _take(iter(input_pipeline.create_train_loader(cached)), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  for split in ('train', 'test'):
+    e1 = list(input_pipeline.create_eval_iterator(plain, split, 32))
+    e2 = list(input_pipeline.create_eval_iterator(cached, split, 32))
+    for x, y in zip(e1, e2):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+  assert isinstance(input_pipeline._data_source(cached, 'train'),
+                    input_pipeline.InMemorySource)
+
+
 def test_inception_crop():
   image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)
   for seed in range(20):
@@ -588,5 +618,6 @@ def test_resolve_augment():
   assert preprocess.resolve_augment('auto', (224, 224, 3)) == 'inception_crop'
   assert preprocess.resolve_augment('auto', (None, None, 3)) == 'inception_crop'
   assert preprocess.resolve_augment('none', (28, 28, 1)) == 'none'
-  with pytest.raises(ValueError, match="config.input.augment='flip'"):
-    preprocess.resolve_augment('flip', (28, 28, 1))
+  assert preprocess.resolve_augment('flip', (28, 28, 1)) == 'flip'
+  with pytest.raises(ValueError, match="config.input.augment='mirror'"):
+    preprocess.resolve_augment('mirror', (28, 28, 1))
