@@ -156,7 +156,7 @@ class Task:
 # ----------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`, then evaluates; returns the results."""
-  workdir = epath.Path(workdir)
+  workdir = _absolute(workdir)
   is_main = jax.process_index() == 0
 
   # Mesh first: the config checks need the number of batch shards.
@@ -282,7 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir` (no training)."""
-  workdir = epath.Path(workdir)
+  workdir = _absolute(workdir)
   mesh = sharding.create_mesh(config.mesh)
   facts = check_config(config, mesh)
   task = Task(config, facts)
@@ -301,6 +301,12 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 outdir=workdir / "eval")
   ckpt.close()
   return results
+
+
+def _absolute(workdir) -> epath.Path:
+  # Orbax needs absolute paths; remote ones (gs://...) already are.
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
 def _abstract_state(init_fn, mesh):
