@@ -4,7 +4,9 @@ Command (after `make data`, or let `make demo` do everything):
 
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=workdir/fashion_mnist_vit
 
-Result: see README.md (measured on 2 CPU cores).
+Result (2 CPU cores, ~10 min of training at ~1,480 img/s, 15 epochs):
+Fashion-MNIST test top-1 through the trained heads 88.95 / 88.94 / 88.94 /
+88.90 % at 8 / 16 / 32 / 64 dims; 1-NN 86.0 % (8-d) to 86.7 % (64-d).
 
 Variants: `--config=configs/fashion_mnist_vit.py:mrl_e` or `:ff` select the
 head; `:smoke` shrinks everything for a seconds-long check.
@@ -40,6 +42,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"
   config.model.variant = "N/7"
+  # Optional overrides of the variant's architecture (None = the variant's).
+  for field in ("width", "depth", "mlp_dim", "num_heads"):
+    config.model[field] = ml_collections.config_dict.placeholder(int)
   config.model.pool_type = "gap"
   config.model.posemb = "sincos2d"
   config.model.representation_size = 64
