@@ -43,10 +43,10 @@ def embed_split(config, task, state, mesh, split: str, *, with_logits: bool) -> 
 
   outs = {"embedding": [], "label": [], "logits": []}
   for batch in input_pipeline.create_eval_iterator(config, split, batch_size):
-    mask = batch.pop("mask").astype(bool)
+    # The mask travels with the batch: gathered rows stay aligned with it.
     g = input_pipeline.make_global_batch(batch, batch_sharding)
     logits, emb = forward(state["params"], state["rest"], g["image"])
-    keep = _to_host(input_pipeline.make_global_batch({"m": mask}, batch_sharding)["m"])
+    keep = _to_host(g["mask"]).astype(bool)
     outs["embedding"].append(_to_host(emb)[keep])
     outs["label"].append(_to_host(g["label"])[keep])
     if with_logits:
