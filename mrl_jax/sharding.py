@@ -71,3 +71,116 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# ------------------------------------------------------- parameter shardings --
+
+# Logical axis name -> mesh axis (or None: not split). Tensor parallelism
+# splits the MLP hidden units and the attention heads (Megatron-style); the
+# 'embed' axis is left to FSDP. 'repr' (the Matryoshka embedding, whose
+# prefixes the heads slice) and 'classes' stay whole by default.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("repr", None),
+    ("classes", None),
+    ("layers", None),  # the stacked axis of scanned layers
+)
+
+
+def _rules(rules) -> dict[str, str | tuple[str, ...] | None]:
+  out = dict(DEFAULT_RULES)
+  for item in rules or ():
+    if len(item) != 2:
+      raise ValueError(
+          f"config.sharding_rules entry {item!r} must be a pair "
+          "(logical_name, mesh_axis or None), e.g. ('mlp', 'tensor').")
+    name, axis = item
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(
+          f"config.sharding_rules maps {name!r} to {axis!r}, but {bad} is not a "
+          f"mesh axis; use one of {MESH_AXES} or None.")
+    out[name] = axis
+  return out
+
+
+def logical_spec(names, shape, mesh: jax.sharding.Mesh, rules=None, *,
+                 fsdp: bool = True) -> P:
+  """PartitionSpec of one array from its logical axis names.
+
+  Each name maps to a mesh axis by `rules` (on top of DEFAULT_RULES); a mesh
+  axis is used at most once per array and only where it divides the dim.
+  Then, when the mesh has an 'fsdp' axis of size N > 1 that the array does
+  not use yet, the largest dim divisible by N is split over it (as
+  big_vision's FSDP rule does): parameters and optimizer state are stored
+  1/N per device and all-gathered by XLA where a computation needs them.
+  Arrays without names (scalars, counters) are only FSDP-split.
+  """
+  table = _rules(rules)
+  names = tuple(names) if names is not None else (None,) * len(shape)
+  if len(names) != len(shape):
+    raise ValueError(f"Logical axis names {names} do not match shape {shape}.")
+  spec: list = [None] * len(shape)
+  used: set[str] = set()
+  for i, (name, size) in enumerate(zip(names, shape)):
+    if name is None:
+      continue
+    if name not in table:
+      raise ValueError(
+          f"Logical axis {name!r} has no sharding rule; add one, e.g. "
+          f"--config.sharding_rules='[(\"{name}\", None)]'.")
+    axis = table[name]
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      spec[i] = axes[0] if len(axes) == 1 else axes
+      used.update(axes)
+  n = mesh.shape.get("fsdp", 1)
+  if fsdp and n > 1 and "fsdp" not in used:
+    free = [i for i, s in enumerate(shape) if spec[i] is None and s % n == 0]
+    if free:
+      spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+  while spec and spec[-1] is None:  # P("fsdp", None) == P("fsdp") in effect
+    spec.pop()
+  return P(*spec)
+
+
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
+  """NamedShardings for a train state from its variables' logical names.
+
+  Leaves inside `nnx.Variable`s (params, and the optimizer moments optax
+  builds in the same structure) use their `out_sharding` metadata; other
+  leaves (step counters, RNG state) are FSDP-split if large enough, else
+  replicated. Sharded optimizer state follows its parameter because both carry
+  the same names.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      names = x.get_metadata().get("out_sharding")
+      return jax.tree.map(
+          lambda v: NamedSharding(mesh, logical_spec(names, v.shape, mesh, rules)), x)
+    shape = getattr(x, "shape", ())
+    return NamedSharding(mesh, logical_spec(None, shape, mesh, rules))
+
+  return jax.tree.map(one, abstract_state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dim to ('data', 'fsdp').
+
+  A no-op outside a mesh context (`jax.set_mesh`), so models also run eagerly
+  on one device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)

@@ -8,6 +8,7 @@ eval. Everything the step touches is a pytree: the model is split with
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from typing import Any
@@ -53,6 +54,14 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     if field in config:
       input_pipeline.validate_batch_size(
           config, sharding.num_batch_shards(mesh), jax.process_count(), field=field)
+  accum = config.get("grad_accum_steps", 1)
+  shards = sharding.num_batch_shards(mesh)
+  if not isinstance(accum, int) or accum < 1 or config.batch_size % (accum * shards):
+    raise ValueError(
+        f"config.grad_accum_steps={accum!r} must be a positive integer that splits "
+        f"config.batch_size={config.batch_size} into microbatches divisible by the "
+        f"{shards} data shards (batch_size % (grad_accum_steps * {shards}) == 0); "
+        "e.g. --config.grad_accum_steps=1.")
   info = prepare.check_config(config)
   models.check_variant(config)
   return dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
@@ -154,13 +163,17 @@ class Task:
 # ----------------------------------------------------------------------------
 # Everything.
 # ----------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`, then evaluates; returns the results."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        devices=None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`, then evaluates; returns the results.
+
+  `devices` (default: all) are the devices the mesh is laid over.
+  """
   workdir = _absolute(workdir)
   is_main = jax.process_index() == 0
 
   # Mesh first: the config checks need the number of batch shards.
-  mesh = sharding.create_mesh(config.mesh)
+  mesh = sharding.create_mesh(config.mesh, devices)
   facts = check_config(config, mesh)
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   if is_main:
@@ -180,7 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = build_optimizer(config, total_steps)
   schedule = build_schedule(config, total_steps)
   init_fn = functools.partial(task.init_state, tx)
-  abstract_state, state_sharding = _abstract_state(init_fn, mesh)
+  abstract_state, state_sharding = _abstract_state(
+      init_fn, mesh, config.get("sharding_rules"))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
                config.model.variant, num_params / 1e6)
@@ -195,11 +209,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logits, batch["label"], label_smoothing=label_smoothing)  # [M]
     return jnp.sum(weights * per_dim), per_dim
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.get("grad_accum_steps", 1)
+
+  def accumulated_grads(params, rest, batch):
+    """Mean loss and gradient over `accum` microbatches, one at a time."""
+    if accum == 1:
+      return grad_fn(params, rest, batch)
+    micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
+
+    def add(carry, microbatch):
+      out = grad_fn(params, rest, microbatch)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree.map(lambda x: x / accum, total)
+
   @functools.partial(jax.jit, donate_argnums=0,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
   def train_step(state, batch):
-    (loss, per_dim), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["rest"], batch)
+    (loss, per_dim), grads = accumulated_grads(state["params"], state["rest"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -225,6 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
+  metrics_log = MetricsLog(workdir / "metrics.jsonl", start_step, enabled=is_main)
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_secs=None,
       every_steps=config.log_every_steps)
@@ -255,6 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           scalars["images_per_sec"] = images_since / dt
           scalars["learning_rate"] = float(schedule(step))
           writer.write_scalars(step, scalars)
+          metrics_log.write(step, scalars)
           logging.info("step %d/%d  loss %.4f  %.0f img/s  (%.1f%%)", step, total_steps,
                        scalars["loss"], scalars["images_per_sec"], 100 * step / total_steps)
           t0, images_since = time.perf_counter(), 0
@@ -288,7 +321,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   task = Task(config, facts)
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   tx = build_optimizer(config, total_steps)
-  abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh)
+  abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh,
+                                     config.get("sharding_rules"))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
   latest = ckpt.latest_step()
   if latest is None:
@@ -309,14 +343,57 @@ def _absolute(workdir) -> epath.Path:
   return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
-def _abstract_state(init_fn, mesh):
-  """Shapes, dtypes and shardings of the train state, without allocating it."""
+def _abstract_state(init_fn, mesh, rules=None):
+  """Shapes, dtypes and shardings of the train state, without allocating it.
+
+  Shardings come from each variable's logical axis names under the config's
+  rules (`sharding.state_shardings`); with an 'fsdp' mesh axis, parameters
+  and optimizer state are split over it.
+  """
   shapes = jax.eval_shape(init_fn)
-  # Data parallel: the state is replicated (FSDP/tensor rules come with the mesh rules).
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+  state_sharding = sharding.state_shardings(shapes, mesh, rules)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
   return abstract, state_sharding
+
+
+def _microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...] with every microbatch spread over all devices.
+
+  Microbatch j takes rows j, j+k, j+2k, ...: each device's contiguous block
+  of the batch contributes B/(k*devices) rows to every microbatch, so no
+  device idles and no rows move between devices.
+  """
+  x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    x = jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+  return x
+
+
+class MetricsLog:
+  """`workdir/metrics.jsonl`: one JSON line of train scalars per logged step.
+
+  Easy to read back (pandas, jq, tests). On resume, lines of steps after the
+  restored checkpoint are dropped, since those steps are trained again.
+  """
+
+  def __init__(self, path: epath.Path, start_step: int, *, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+    if enabled and path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line and json.loads(line)["step"] <= start_step]
+      path.write_text("".join(line + "\n" for line in kept))
+
+  def write(self, step: int, scalars: dict[str, float]):
+    if self.enabled:
+      with self.path.open("a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  @staticmethod
+  def read(path: epath.PathLike) -> list[dict[str, float]]:
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line]
 
 
 def _check_finite(step, metrics, ckpt):

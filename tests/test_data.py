@@ -301,25 +301,31 @@ def test_train_batches_shapes(data_dir):
   assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
 
 
-@pytest.mark.parametrize('process_count', [1, 2, 3])
+@pytest.mark.parametrize('process_count', [2, 3])
 def test_train_processes_read_disjoint_slices(data_dir, process_count):
-  config = _config(data_dir)
-  config.batch_size = process_count  # One row per process: epochs align.
-  per_process = NUM_TRAIN // process_count  # drop_remainder=True
-  epochs = []
-  for index in range(process_count):
-    it = iter(input_pipeline.create_train_loader(
-        config, process_index=index, process_count=process_count))
-    first = [int(_ids(b['image'])[0]) for b in _take(it, per_process)]
-    second = [int(_ids(b['image'])[0]) for b in _take(it, per_process)]
-    # One epoch visits this process's examples once each; the next epoch
-    # visits the same ones in a new order.
-    assert len(set(first)) == per_process
-    assert set(second) == set(first) and second != first
-    epochs.append(set(first))
-  union = set().union(*epochs)
-  assert len(union) == per_process * process_count  # Pairwise disjoint.
-  assert union <= set(range(NUM_TRAIN))
+  """Processes split every global batch; together they are the 1-process one."""
+  config = _config(data_dir, augment='crop_flip', crop_padding=0)
+  config.batch_size = 6
+  steps = -(-2 * NUM_TRAIN // config.batch_size)  # Two epochs or more.
+  whole = _take(iter(input_pipeline.create_train_loader(config)), steps)
+  parts = [
+      _take(iter(input_pipeline.create_train_loader(
+          config, process_index=i, process_count=process_count)), steps)
+      for i in range(process_count)
+  ]
+  for step, batch in enumerate(whole):
+    pieces = [p[step] for p in parts]
+    ids = [_ids(p['image']).tolist() for p in pieces]
+    assert all(len(x) == config.batch_size // process_count for x in ids)
+    assert len(set().union(*map(set, ids))) == config.batch_size  # Disjoint.
+    # Same rows, same augmentation, whichever process reads them.
+    np.testing.assert_array_equal(
+        np.concatenate([p['image'] for p in pieces]), batch['image'])
+  # Each epoch visits every example exactly once, in a new order each time.
+  ids = np.concatenate([_ids(b['image']) for b in whole])
+  first, second = ids[:NUM_TRAIN], ids[NUM_TRAIN:2 * NUM_TRAIN]
+  assert sorted(first) == sorted(second) == list(range(NUM_TRAIN))
+  assert first.tolist() != second.tolist()
 
 
 def test_train_labels_match_examples(data_dir):
@@ -621,3 +627,53 @@ def test_resolve_augment():
   assert preprocess.resolve_augment('flip', (28, 28, 1)) == 'flip'
   with pytest.raises(ValueError, match="config.input.augment='mirror'"):
     preprocess.resolve_augment('mirror', (28, 28, 1))
+
+
+def _translations(image, pad):
+  """All pad-and-crop translations of `image` [H, W, C], as bytes."""
+  height, width = image.shape[:2]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  return {padded[t:t + height, l:l + width].tobytes()
+          for t in range(2 * pad + 1) for l in range(2 * pad + 1)}
+
+
+def test_batched_crop_flip_gives_per_example_views():
+  """Each row is a translation of its own input, mirrored or not."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, (64, 6, 5, 2), np.uint8)
+  out = preprocess.random_flip_batch(
+      preprocess.pad_and_random_crop_batch(images, 2, rng), rng)
+  assert out.shape == images.shape and out.dtype == np.uint8
+  flipped = 0
+  for image, row in zip(images, out):
+    if row.tobytes() in _translations(image, 2):
+      continue
+    assert row[:, ::-1].tobytes() in _translations(image, 2)
+    flipped += 1
+  assert 0 < flipped < len(images)  # Independent coin per row.
+  # Offsets vary per row: not one translation for the whole batch.
+  unchanged = sum(np.array_equal(a, b) for a, b in zip(images, out))
+  assert unchanged < len(images) // 2
+
+
+def test_batchable_only_for_native_size_small_images():
+  flip = preprocess.TrainTransform(image_size=8, small=True, augment='flip')
+  assert flip.batchable((8, 8, 1)) and flip.batchable((8, 8))
+  assert not flip.batchable((12, 12, 1))  # Needs a per-example resize.
+  assert not flip.batchable((None, None, 3))
+  inception = preprocess.TrainTransform(image_size=8, augment='inception_crop')
+  assert not inception.batchable((8, 8, 1))
+
+
+@pytest.mark.parametrize('augment,image_size', [('crop_flip', SIDE),
+                                                ('crop_flip', 12)])
+def test_train_batches_batched_and_per_example_paths(data_dir, augment,
+                                                     image_size):
+  """Both read paths give images traced to the labels they come with."""
+  config = _config(data_dir, augment=augment, image_size=image_size,
+                   crop_padding=0)
+  batch = next(iter(input_pipeline.create_train_loader(config)))
+  assert batch['image'].shape == (8, image_size, image_size, 1)
+  if image_size == SIDE:  # Constant images survive a 0-pixel crop + flip.
+    np.testing.assert_array_equal(batch['label'],
+                                  _ids(batch['image']) % NUM_CLASSES)

@@ -224,3 +224,38 @@ def test_get_model_and_check_variant_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
     models.get_model(_config(**overrides), num_classes=3, head=None, channels=1,
                      rngs=nnx.Rngs(0))
+
+
+def test_scan_layers_matches_the_python_loop():
+  """A scanned ViT computes what the looped one does with the same weights."""
+  scanned = _tiny(scan_layers=True)
+  looped = _tiny()
+  kernel = scanned.blocks.mlp.fc1.kernel
+  assert kernel.shape[0] == 2  # Mu: depth 2, stacked on a leading axis
+  assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+  # Copy the scanned weights into the looped model, layer by layer.
+  stacked = nnx.state(scanned.blocks, nnx.Param)
+  for i, block in enumerate(looped.blocks):
+    nnx.update(block, jax.tree.map(lambda x: x[i], stacked))
+  for name in ("embedding", "encoder_norm", "representation", "head"):
+    nnx.update(getattr(looped, name), nnx.state(getattr(scanned, name)))
+  images = _images()
+  forward = nnx.jit(lambda m, x: m(x)[1]["embedding"])
+  np.testing.assert_allclose(forward(scanned, images), forward(looped, images),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_changes_memory_not_results(scan_layers):
+  images, labels = _images(), jnp.array([1, 2, 3])
+
+  def loss_and_grads(model):
+    def loss(m):
+      logits, _ = m(images, train=True)
+      return matryoshka.softmax_ce(logits, labels)
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  plain = loss_and_grads(_tiny(scan_layers=scan_layers))
+  remat = loss_and_grads(_tiny(scan_layers=scan_layers, remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               plain, remat)

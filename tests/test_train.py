@@ -133,3 +133,27 @@ def test_bad_config_fails_before_compute(fake_dataset_dir, tmp_path, override, f
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     train.run(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_gradient_accumulation_equals_one_big_batch(fake_dataset_dir, tmp_path):
+  """k microbatches accumulated == the same batch in one step."""
+  runs = {}
+  for accum in (1, 4):
+    config = small_config(fake_dataset_dir, num_train_steps=4, log_every_steps=1,
+                          checkpoint_every_steps=4, grad_accum_steps=accum)
+    config.evals = {}
+    workdir = tmp_path / f"accum{accum}"
+    train.run(config, str(workdir))
+    losses = [m["loss"] for m in train.MetricsLog.read(workdir / "metrics.jsonl")]
+    runs[accum] = losses, _final_params(workdir)[1]
+  np.testing.assert_allclose(runs[4][0], runs[1][0], rtol=1e-5)
+  # Adam divides by the gradient's RMS, so near-zero weights move by O(lr)
+  # on float noise alone: compare on the scale of lr (3e-3), not of 0.
+  for a, b in zip(runs[4][1], runs[1][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
+
+
+def test_bad_grad_accum_steps(fake_dataset_dir, tmp_path):
+  config = small_config(fake_dataset_dir, grad_accum_steps=3)
+  with pytest.raises(ValueError, match="config.grad_accum_steps=3"):
+    train.run(config, str(tmp_path))

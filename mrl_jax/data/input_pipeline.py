@@ -4,11 +4,11 @@ Every process reads only its own slice of a split and produces *host-local*
 numpy batches of `global_batch // process_count` rows; `make_global_batch`
 turns them into global `jax.Array`s sharded over the batch axes of the mesh.
 
-Train (`create_train_loader`): a `grain.DataLoader` with an `IndexSampler`:
-seeded shuffle, infinite epochs (each epoch reshuffled), per-example random
-augmentation seeded by the sampler. Its iterator's state is a few bytes of
-JSON, so resuming from a checkpoint replays exactly the batches that an
-uninterrupted run would have seen. Checkpoint it with Orbax via
+Train (`create_train_loader`): a Grain `MapDataset` of record indices, seeded
+shuffle, infinite epochs (each epoch reshuffled), batched, then read and
+augmented a batch at a time with a generator seeded by the batch's position.
+Its iterator's state is a few bytes of JSON, so resuming from a checkpoint
+replays exactly the batches that an uninterrupted run would have seen. Checkpoint it with Orbax via
 
     ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(train_iter))
     ocp.args.Composite(..., data=grain.checkpoint.CheckpointRestore(train_iter))
@@ -115,6 +115,10 @@ class InMemorySource:
   def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
     return [self[i] for i in indices]
 
+  def gather(self, indices, keys) -> dict[str, np.ndarray]:
+    """Columns `keys` at `indices`, each one array (one fancy-index each)."""
+    return {k: self._columns[k][np.asarray(indices, np.int64)] for k in keys}
+
   def __repr__(self) -> str:
     return f'InMemorySource({self.dataset_info.name}, {self._len} records)'
 
@@ -200,21 +204,29 @@ def create_train_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     seed: int | None = None,
-) -> grain.DataLoader:
+) -> grain.IterDataset:
   """Infinite, shuffled, augmented training batches for this process.
+
+  The pipeline is a Grain `MapDataset` over record *indices*: this process's
+  contiguous slice of the split, shuffled (differently every epoch), repeated
+  forever and batched; each batch of indices is then read with one batched
+  source access and augmented. Everything is a pure function of (seed, batch
+  position), so the iterator state is a position and a restart replays exactly
+  the batches an uninterrupted run would have seen.
 
   Args:
     config: uses config.dataset.{name, data_dir, train_split, image_key,
       label_key}, config.input.{image_size, augment, crop_padding, mean, std,
-      worker_count, read_threads, shuffle_seed}, config.batch_size, config.seed.
+      worker_count, read_threads, shuffle_seed, cache}, config.batch_size,
+      config.seed.
     process_index: defaults to `jax.process_index()`.
     process_count: defaults to `jax.process_count()`.
     seed: overrides config.input.shuffle_seed / config.seed.
 
   Returns:
-    A `grain.DataLoader`; `iter()` of it yields {'image': float32 [b, H, W, C],
-    'label': int32 [b]} with b = config.batch_size // process_count, and has
-    `get_state()` / `set_state()`.
+    A `grain.IterDataset`; `iter()` of it yields {'image': float32
+    [b, H, W, C], 'label': int32 [b]} with b = config.batch_size //
+    process_count, and has `get_state()` / `set_state()`.
   """
   index, count = _process_index_and_count(process_index, process_count)
   batch = local_batch_size(config.batch_size, count)
@@ -232,41 +244,92 @@ def create_train_loader(
       ),
       crop_padding=config.input.get('crop_padding', 4),
   )
-  # Each process owns a contiguous 1/count of the records (the remainder is
-  # dropped so that all processes take the same number of steps per epoch)
-  # and shuffles within it; together the processes cover the split once per
-  # epoch.
-  shard = grain.sharding.ShardOptions(
-      shard_index=index, shard_count=count, drop_remainder=True
-  )
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=shard,
-      shuffle=True,
-      num_epochs=None,
-      seed=_grain_seed(seed),
+  # One global stream for all processes: the split shuffled (a new permutation
+  # every epoch: repeat reseeds), cut into global batches; process i reads and
+  # augments only rows [i*b, (i+1)*b) of each. So the data a run sees does not
+  # depend on how many processes it runs on, and no example is dropped.
+  if len(source) < config.batch_size:
+    raise ValueError(
+        f'The {config.dataset.train_split!r} split has {len(source)} examples,'
+        f' fewer than one batch (config.batch_size={config.batch_size}).'
+        ' Lower config.batch_size.'
+    )
+  dataset = (
+      grain.MapDataset.range(len(source))
+      .seed(_grain_seed(seed))
+      .shuffle()
+      .repeat(None)
+      .batch(config.batch_size, drop_remainder=True)
+      .random_map(
+          _ReadAndAugment(
+              source,
+              transform,
+              batched=transform.batchable(image_shape),
+              rows=slice(index * batch, (index + 1) * batch),
+          )
+      )
   )
   worker_count = config.input.get('worker_count', 0)
   read_threads = config.input.get('read_threads', 0)
+  # Decoding and augmentation are mostly GIL-bound Python, so threads mostly
+  # contend; scale with worker_count (processes) instead, and raise
+  # read_threads only for high-latency storage.
+  batches = dataset.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=read_threads, prefetch_buffer_size=2 * read_threads
+      )
+  )
   if worker_count:
     _allow_grain_workers()
-  return grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=[
-          transform,
-          grain.transforms.Batch(batch_size=batch, drop_remainder=True),
-      ],
-      worker_count=worker_count,
-      shard_options=shard,
-      # Record decoding (proto parse + PNG) is GIL-bound Python, so reader
-      # threads mostly contend with the transforms; on local disk 0 threads
-      # measured fastest. Scale with worker_count (processes) instead, and
-      # raise read_threads only for high-latency storage.
-      read_options=grain.ReadOptions(
-          num_threads=read_threads, prefetch_buffer_size=4 * read_threads
-      ),
-  )
+    batches = batches.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count)
+    )
+  return batches
+
+
+class _ReadAndAugment(grain.transforms.RandomMap):
+  """A global batch of record indices -> this process's rows, augmented.
+
+  Batchable datasets (small same-size images, see
+  `TrainTransform.batchable`) are augmented with vectorised ops on the whole
+  batch; others example by example. Either way a row's random augmentation
+  depends only on the batch's generator and the row's position in the global
+  batch, not on which process reads it.
+  """
+
+  def __init__(self, source, transform: preprocess.TrainTransform, *,
+               batched: bool, rows: slice):
+    self.source = source
+    self.transform = transform
+    self.batched = batched
+    self.rows = rows
+
+  def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
+    total = len(indices)
+    mine = [int(i) for i in indices[self.rows]]
+    keys = (self.transform.image_key, self.transform.label_key)
+    if self.batched:
+      columns = _read_columns(self.source, mine, keys)
+      return self.transform.random_map_batch(
+          *(columns[k] for k in keys), rng, rows=self.rows, batch_size=total
+      )
+    seeds = rng.integers(0, 2**63 - 1, size=total)[self.rows]
+    examples = [
+        self.transform.random_map(r, np.random.default_rng(s))
+        for r, s in zip(self.source.__getitems__(mine), seeds)
+    ]
+    return {
+        'image': np.stack([e['image'] for e in examples]),
+        'label': np.asarray([e['label'] for e in examples], np.int32),
+    }
+
+
+def _read_columns(source, indices: list[int], keys) -> dict[str, np.ndarray]:
+  """`keys` of the records at `indices`, each stacked into one array."""
+  if isinstance(source, InMemorySource):
+    return source.gather(indices, keys)
+  records = source.__getitems__(indices)
+  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
 
 
 def _allow_grain_workers() -> None:

@@ -81,6 +81,41 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return image
 
 
+def crop_batch(
+    images: np.ndarray, pad: int, tops: np.ndarray, lefts: np.ndarray
+) -> np.ndarray:
+  """Zero-pads a batch [B, H, W, C] by `pad`, crops row i at (tops[i], lefts[i]).
+
+  The batched `pad_and_random_crop`: one fancy-index gathers every crop, no
+  Python loop over examples. Offsets are in [0, 2 * pad].
+  """
+  if pad <= 0:
+    return images
+  n, height, width = images.shape[:3]
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = tops[:, None, None] + np.arange(height)[None, :, None]  # [B, H, 1]
+  cols = lefts[:, None, None] + np.arange(width)[None, None, :]  # [B, 1, W]
+  return padded[np.arange(n)[:, None, None], rows, cols]
+
+
+def flip_batch(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """Mirrors left-right the images [B, H, W, C] where `flips` [B] is True."""
+  return np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+
+
+def pad_and_random_crop_batch(
+    images: np.ndarray, pad: int, rng: np.random.Generator
+) -> np.ndarray:
+  """`pad_and_random_crop` of every image of a batch, independently."""
+  tops, lefts = rng.integers(0, 2 * pad + 1, size=(2, len(images)))
+  return crop_batch(images, pad, tops, lefts)
+
+
+def random_flip_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Mirrors each image of a batch [B, H, W, C] left-right with p = 1/2."""
+  return flip_batch(images, rng.random(len(images)) < 0.5)
+
+
 def inception_crop(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -286,6 +321,54 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
     else:
       raise ValueError(f'Unresolved augmentation {self.augment!r}.')
     return self.output(image, element)
+
+  def batchable(self, image_shape: Sequence[int | None] | None) -> bool:
+    """Whether `random_map_batch` applies to images of this dataset shape.
+
+    True for small images of one static size that the model sees at native
+    resolution with a translate/mirror augmentation: then a whole batch is
+    augmented with a handful of vectorised numpy ops instead of one Python
+    call per example (which capped the CPU demo's input at ~4k img/s).
+    """
+    if not self.small or self.augment not in ('crop_flip', 'flip', 'none'):
+      return False
+    if image_shape is None or None in tuple(image_shape):
+      return False
+    return tuple(image_shape[:2]) == image_hw(self.image_size)
+
+  def random_map_batch(
+      self,
+      images: np.ndarray,
+      labels: np.ndarray,
+      rng: np.random.Generator,
+      rows: slice = slice(None),
+      batch_size: int | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Batched `random_map` for `batchable` datasets.
+
+    Args:
+      images: uint8 [b, H, W(, C)], the rows `rows` of a batch.
+      labels: [b].
+      rng: the generator of the whole batch.
+      rows: which rows of the batch these are (a process's share).
+      batch_size: rows in the whole batch (default: b).
+
+    The random parameters are drawn for the whole batch and then sliced, so a
+    row is augmented the same way whichever process reads it.
+    """
+    if images.ndim == 3:
+      images = images[..., None]
+    total = len(images) if batch_size is None else batch_size
+    tops, lefts = rng.integers(0, 2 * self.crop_padding + 1, size=(2, total))
+    flips = rng.random(total) < 0.5
+    if self.augment == 'crop_flip':
+      images = crop_batch(images, self.crop_padding, tops[rows], lefts[rows])
+    if self.augment in ('crop_flip', 'flip'):
+      images = flip_batch(images, flips[rows])
+    return {
+        'image': normalize(images, self.mean, self.std),
+        'label': np.asarray(labels, np.int32),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,9 @@ def _vit(config, *, num_classes, head, channels, dtype, rngs) -> nnx.Module:
       channels=channels, pool_type=m.get("pool_type", "gap"),
       posemb=m.get("posemb", "learn"),
       representation_size=m.get("representation_size"), head=head,
-      dropout=m.get("dropout", 0.0), dtype=dtype, rngs=rngs)
+      dropout=m.get("dropout", 0.0), dtype=dtype,
+      remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
+      rngs=rngs)
 
 
 def _check_vit(config):

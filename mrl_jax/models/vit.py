@@ -23,6 +23,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from mrl_jax import sharding
+
 #                 width  depth  mlp_dim  num_heads
 _VARIANTS = {
     "Mu": (32, 2, 64, 2),  # CPU tests and smoke runs.
@@ -152,6 +154,7 @@ class ViT(nnx.Module):
                representation_size: int | None,
                head: nnx.Module | None = None, dropout: float = 0.0,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               remat: bool = False, scan_layers: bool = False,
                rngs: nnx.Rngs):
     arch = decode_variant(variant) if variant is not None else {}
     given = dict(width=width, depth=depth, mlp_dim=mlp_dim,
@@ -200,11 +203,18 @@ class ViT(nnx.Module):
       self.cls = nnx.Param(jnp.zeros((1, 1, width), param_dtype),
                            **_axes(None, None, "embed"))
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
-    self.blocks = nnx.List([
-        Encoder1DBlock(width, arch["mlp_dim"], arch["num_heads"],
-                       dropout=dropout, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
-        for _ in range(arch["depth"])])
+    self.remat, self.scan_layers = remat, scan_layers
+    make_block = lambda rngs: Encoder1DBlock(
+        width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if scan_layers:
+      # One block whose params have a leading 'layers' axis of size depth:
+      # compiled once and run with a scan (compile time independent of depth).
+      self.blocks = nnx.split_rngs(splits=arch["depth"])(nnx.vmap(
+          make_block, in_axes=(0,), out_axes=0,
+          transform_metadata={nnx.PARTITION_NAME: "layers"}))(rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(arch["depth"])])
     self.encoder_norm = nnx.LayerNorm(
         width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
@@ -231,8 +241,21 @@ class ViT(nnx.Module):
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, c))
       x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + h*w, width]
     x = self.dropout(x, deterministic=not train)
-    for block in self.blocks:
-      x = block(x, train=train)
+    # Activations stay split along the batch (FSDP all-gathers weights, never
+    # activations); a no-op outside a mesh.
+    x = sharding.constrain_batch(x)
+
+    def apply_block(x, block):
+      return sharding.constrain_batch(block(x, train=train))
+
+    if self.remat:  # Recompute each block's activations in the backward pass.
+      apply_block = nnx.remat(apply_block)
+    if self.scan_layers:
+      x = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                   transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = apply_block(x, block)
     x = self.encoder_norm(x)
 
     pre_logits = x.mean(axis=1) if self.pool_type == "gap" else x[:, 0]  # [B, width]
