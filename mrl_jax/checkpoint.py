@@ -23,6 +23,29 @@ def abstract_like(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/blocks/0/mlp/fc1/kernel': shape} for arrays and metadata alike.
+
+  nnx Variables contribute a trailing 'value' key that the saved tree spells
+  the same way, so live states and checkpoint metadata compare directly.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in leaves:
+    names = [_key_name(k) for k in path]
+    if names and names[-1] == "value":
+      names = names[:-1]
+    out["/".join(names)] = tuple(getattr(leaf, "shape", ()))
+  return out
+
+
 class Checkpointer:
   """A CheckpointManager holding items 'state' (pytree) and 'data' (Grain)."""
 
@@ -37,7 +60,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         ),
-        item_names=("state", "data"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
     )
 
   def latest_step(self) -> int | None:
@@ -67,6 +93,70 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
+                     ) -> tuple[int | None, Any]:
+    """(step, state) of the newest restorable checkpoint, or (None, None).
+
+    A checkpoint that cannot be read (a partial copy, a truncated file) is
+    renamed `STEP.corrupt` with a warning and the previous one is tried; good
+    checkpoints are never removed. A checkpoint that reads fine but does not
+    match `abstract_state` (another model or nesting config) is an error.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        metadata = self._manager.item_metadata(step)["state"]
+        saved = _flat_shapes(metadata.tree)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      self._check_compatible(step, saved, abstract_state)
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+    return None, None
+
+  def _check_compatible(self, step: int, saved: dict[str, tuple[int, ...]],
+                        abstract_state: Any) -> None:
+    wanted = _flat_shapes(abstract_state)
+    # Parameters first: the most telling mismatch to report.
+    order = sorted(wanted, key=lambda p: (not p.startswith("params/"),))
+    fix = (f"Fix: train with the config saved next to it "
+           f"({self.directory.parent / 'config.json'}), or use a new --workdir.")
+    for path in order:
+      if path not in saved:
+        raise ValueError(
+            f"The checkpoint of step {step} in {self.directory} does not match the "
+            f"config: it has no {path} (shape {wanted[path]} under this config). {fix}")
+      if tuple(saved[path]) != tuple(wanted[path]):
+        raise ValueError(
+            f"The checkpoint of step {step} in {self.directory} does not match the "
+            f"config: {path} has shape {tuple(saved[path])} in the checkpoint but "
+            f"{tuple(wanted[path])} under this config. {fix}")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+      raise ValueError(
+          f"The checkpoint of step {step} in {self.directory} does not match the "
+          f"config: it has {extra[0]} (shape {tuple(saved[extra[0]])}), which this "
+          f"config's model does not. {fix}")
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    logging.warning("Checkpoint of step %d in %s is unreadable (%s: %s); set aside "
+                    "as %d.corrupt, trying the previous one.", step, self.directory,
+                    type(error).__name__, str(error).splitlines()[0][:200], step)
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / f"{step}.corrupt"
+      n = 1
+      while dst.exists():
+        n += 1
+        dst = self.directory / f"{step}.corrupt{n}"
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self._manager.reload()
 
   def wait_until_finished(self):
     self._manager.wait_until_finished()

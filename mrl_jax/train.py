@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
+import threading
 import time
 from typing import Any
 
@@ -160,6 +162,55 @@ class Task:
     return model(images, train=train)  # (logits [M, B, C], aux)
 
 
+def make_train_step(config, facts, task: Task, tx: optax.GradientTransformation,
+                    mesh, state_sharding):
+  """The jitted update `(state, batch) -> (state, metrics)`, state donated.
+
+  Loss: the weighted sum over nesting dims of the per-dim softmax CE (fp32),
+  averaged over `config.grad_accum_steps` microbatches when > 1.
+  """
+  weights = jnp.asarray(facts["weights"], jnp.float32)
+  label_smoothing = config.mrl.get("label_smoothing", 0.0)
+
+  def loss_fn(params, rest, batch):
+    logits, _ = task.apply(params, rest, batch["image"], train=True)
+    per_dim = matryoshka.softmax_ce_per_dim(
+        logits, batch["label"], label_smoothing=label_smoothing)  # [M]
+    return jnp.sum(weights * per_dim), per_dim
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.get("grad_accum_steps", 1)
+
+  def accumulated_grads(params, rest, batch):
+    """Mean loss and gradient over `accum` microbatches, one at a time."""
+    if accum == 1:
+      return grad_fn(params, rest, batch)
+    micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
+
+    def add(carry, microbatch):
+      out = grad_fn(params, rest, microbatch)
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree.map(lambda x: x / accum, total)
+
+  @functools.partial(jax.jit, donate_argnums=0,
+                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+  def train_step(state, batch):
+    (loss, per_dim), grads = accumulated_grads(state["params"], state["rest"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    for m, l in zip(facts["head_dims"], per_dim):
+      metrics[f"loss_dim{m}"] = l
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
 # ----------------------------------------------------------------------------
 # Everything.
 # ----------------------------------------------------------------------------
@@ -199,53 +250,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
                config.model.variant, num_params / 1e6)
 
-  weights = jnp.asarray(facts["weights"], jnp.float32)
-  label_smoothing = config.mrl.get("label_smoothing", 0.0)
-
-  # The update step: pure function of (state, batch), state donated.
-  def loss_fn(params, rest, batch):
-    logits, _ = task.apply(params, rest, batch["image"], train=True)
-    per_dim = matryoshka.softmax_ce_per_dim(
-        logits, batch["label"], label_smoothing=label_smoothing)  # [M]
-    return jnp.sum(weights * per_dim), per_dim
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  accum = config.get("grad_accum_steps", 1)
-
-  def accumulated_grads(params, rest, batch):
-    """Mean loss and gradient over `accum` microbatches, one at a time."""
-    if accum == 1:
-      return grad_fn(params, rest, batch)
-    micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
-
-    def add(carry, microbatch):
-      out = grad_fn(params, rest, microbatch)
-      return jax.tree.map(jnp.add, carry, out), None
-
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro)))
-    total, _ = jax.lax.scan(add, zeros, micro)
-    return jax.tree.map(lambda x: x / accum, total)
-
-  @functools.partial(jax.jit, donate_argnums=0,
-                     out_shardings=(state_sharding, sharding.replicated(mesh)))
-  def train_step(state, batch):
-    (loss, per_dim), grads = accumulated_grads(state["params"], state["rest"], batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    for m, l in zip(facts["head_dims"], per_dim):
-      metrics[f"loss_dim{m}"] = l
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+  train_step = make_train_step(config, facts, task, tx, mesh, state_sharding)
 
   # Checkpoint: resume if the workdir has one, else initialise.
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
-  latest = ckpt.latest_step()
+  latest, state = ckpt.restore_latest(abstract_state, train_iter)
   if latest is not None:
     logging.info("Resuming from step %d", latest)
-    state = ckpt.restore(latest, abstract_state, train_iter)
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()
   start_step = int(state["step"])
@@ -265,6 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # dispatched, so the check for non-finite values never stalls the device.
   ckpt_every = config.get("checkpoint_every_steps", 0)
   eval_every = config.get("eval_every_steps", 0)
+  preemption = PreemptionWatcher()
   pending = None  # (step, metrics) of the last dispatched step
   t0, images_since = time.perf_counter(), 0
   try:
@@ -296,6 +309,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           _check_finite(step, metrics, ckpt)
           ckpt.save(step, state, train_iter, force=True)
 
+        if not last and preemption.reached(step):
+          _check_finite(step, metrics, ckpt)
+          if ckpt.latest_step() != step:
+            ckpt.save(step, state, train_iter, force=True)
+          ckpt.wait_until_finished()
+          logging.warning("Preempted: saved the checkpoint of step %d; exiting. "
+                          "Re-run the same command to continue.", step)
+          return {"preempted_at_step": step}
+
         if eval_every > 0 and step % eval_every == 0 and not last:
           results = evaluate.evaluate(config, facts, task, state, mesh, step=step)
           _write_eval_scalars(writer, step, results)
@@ -308,6 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     # Also on Ctrl-C or an error: an in-flight checkpoint still commits and
     # buffered metrics reach disk.
+    preemption.close()
     ckpt.close()
     writer.close()
   return results
@@ -324,12 +347,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh,
                                      config.get("sharding_rules"))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
-  latest = ckpt.latest_step()
+  latest, state = ckpt.restore_latest(abstract_state)
   if latest is None:
     raise FileNotFoundError(
         f"No checkpoint in {workdir / 'checkpoints'}: --mode=eval evaluates a "
         "trained model. Fix: train first (same command without --mode=eval).")
-  state = ckpt.restore(latest, abstract_state)
   with jax.set_mesh(mesh):
     results = evaluate.evaluate(config, facts, task, state, mesh, step=latest,
                                 outdir=workdir / "eval")
@@ -370,6 +392,42 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
     x = jax.lax.with_sharding_constraint(
         x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
   return x
+
+
+class PreemptionWatcher:
+  """Decides the step at which a preempted run saves and exits.
+
+  Cloud schedulers send SIGTERM some time before killing a VM. With several
+  processes, JAX's preemption sync manager (started by
+  `jax.distributed.initialize`) catches it on any host and all hosts agree on
+  the next safe step: `reached(step)` turns True there on every process at
+  once, so the collective checkpoint lines up. With one process a SIGTERM
+  handler does the same job. `reached` must be called at every step.
+  """
+
+  def __init__(self):
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self._multi = distributed.global_state.client is not None
+    self._signalled = False
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+    logging.warning("SIGTERM received: saving a checkpoint after this step.")
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 class MetricsLog:

@@ -43,3 +43,34 @@ def build_fake_image_dataset(data_dir, name="fake_images", *, num_train=192,
 def fake_dataset_dir(tmp_path_factory):
   """Directory holding the TFDS dataset 'fake_images' (array_record)."""
   return build_fake_image_dataset(tmp_path_factory.mktemp("tfds"))
+
+
+def build_mock_catalogue_dataset(data_dir, name, splits, num_examples=48):
+  """`name` stored under `data_dir` with its real TFDS feature spec and version.
+
+  Examples come from `tfds.testing.mock_data` (random values of the right
+  types and shapes, e.g. JPEGs of random sizes for imagenet2012); storing them
+  as array_record under the catalogue name makes `tfds.builder(name,
+  data_dir=...)` find a prepared dataset, so every check and the real input
+  pipeline run unchanged.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder(name)
+  examples = {}
+  with tfds.testing.mock_data(num_examples=num_examples):
+    for split in splits:
+      source = tfds.data_source(name, split=split, download=False)
+      examples[split] = [(i, source[i]) for i in range(len(source))]
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version=str(builder.version), features=builder.info.features,
+      split_datasets={s: iter(e) for s, e in examples.items()}, config=None,
+      data_dir=str(data_dir), file_format="array_record", disable_shuffling=True)
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def mock_imagenet_dir(tmp_path_factory):
+  """'imagenet2012' with the real feature spec: 48 train + 48 validation."""
+  return build_mock_catalogue_dataset(tmp_path_factory.mktemp("tfds_imagenet"),
+                                      "imagenet2012", ("train", "validation"))

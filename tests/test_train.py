@@ -7,26 +7,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mrl_jax import train
-from configs import fashion_mnist_vit
+from tests import tiny_config
 
 
 def small_config(data_dir, **overrides):
-  config = fashion_mnist_vit.get_config("mrl")
-  config.dataset.name = "fake_images"
-  config.dataset.data_dir = data_dir
-  config.dataset.num_classes = 4
-  config.input.image_size = 8
-  config.input.crop_padding = 1
-  config.model.variant = "Mu/4"
-  config.model.representation_size = 16
-  config.mrl.nesting_dims = [4, 8, 16]
-  config.batch_size = 32
-  config.eval_batch_size = 32
-  config.num_epochs = -1
+  config = tiny_config.get_config(data_dir)
   config.num_train_steps = 6
-  config.optimizer.warmup_steps = 2
   config.log_every_steps = 2
   config.checkpoint_every_steps = 3
+  config.evals = dict(linear=dict(type="linear"), knn=dict(type="knn", k=[1]))
   for k, v in overrides.items():
     node = config
     *path, last = k.split(".")
@@ -37,11 +26,17 @@ def small_config(data_dir, **overrides):
 
 
 def _final_params(workdir):
-  mngr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"))
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mngr.close()
-  return step, jax.tree.leaves(state["state"]["params"])
+  """Params of the latest checkpoint as numpy, whatever mesh saved them."""
+  ckpt = train.checkpoint_lib.Checkpointer(workdir / "checkpoints")
+  step = ckpt.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = ckpt._manager.item_metadata(step)["state"].tree
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state = ckpt._manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
+  ckpt.close()
+  return step, [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
 def test_train_writes_results_at_every_dim(fake_dataset_dir, tmp_path):
@@ -157,3 +152,52 @@ def test_bad_grad_accum_steps(fake_dataset_dir, tmp_path):
   config = small_config(fake_dataset_dir, grad_accum_steps=3)
   with pytest.raises(ValueError, match="config.grad_accum_steps=3"):
     train.run(config, str(tmp_path))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(fake_dataset_dir, tmp_path):
+  config = small_config(fake_dataset_dir)
+  config.evals = {}
+  train.run(config, str(tmp_path))  # checkpoints at steps 3 and 6
+  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  config.num_train_steps = 9
+  train.run(config, str(tmp_path))
+  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert "6.corrupt" in names and "3" in names and "9" in names
+  log = train.MetricsLog.read(tmp_path / "metrics.jsonl")
+  assert [m["step"] for m in log] == [2, 4, 6, 8, 9]  # steps 4.. trained again
+
+
+def test_checkpoint_of_another_config_names_the_mismatch(fake_dataset_dir, tmp_path):
+  config = small_config(fake_dataset_dir, num_train_steps=3)
+  config.evals = {}
+  train.run(config, str(tmp_path))
+  config.model.representation_size = 32
+  config.mrl.nesting_dims = [4, 8, 32]
+  with pytest.raises(ValueError, match=r"params/head/linears/2/kernel has shape \(16, 4\) "
+                     r"in the checkpoint but \(32, 4\)"):
+    train.run(config, str(tmp_path))
+  assert (tmp_path / "checkpoints" / "3").exists()  # never removed
+
+
+def test_restore_onto_another_mesh_is_exact(fake_dataset_dir, tmp_path):
+  """Saved 8-way data parallel, restored 2x4 data x fsdp: same values."""
+  config = small_config(fake_dataset_dir, num_train_steps=3)
+  config.evals = {}
+  train.run(config, str(tmp_path))
+  _, saved = _final_params(tmp_path)
+  config.mesh = dict(data=2, fsdp=4, tensor=1)
+  mesh = train.sharding.create_mesh(config.mesh)
+  facts = train.check_config(config, mesh)
+  task = train.Task(config, facts)
+  init_fn = lambda: task.init_state(train.build_optimizer(config, 3))
+  abstract, _ = train._abstract_state(init_fn, mesh)
+  ckpt = train.checkpoint_lib.Checkpointer(tmp_path / "checkpoints")
+  step, state = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 3
+  restored = jax.tree.leaves(state["params"])
+  assert any(x.sharding.spec and "fsdp" in str(x.sharding.spec) for x in restored)
+  for a, b in zip(restored, saved):
+    np.testing.assert_array_equal(np.asarray(a), b)
