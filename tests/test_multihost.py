@@ -20,6 +20,7 @@ import pytest
 
 from mrl_jax import train
 from tests import tiny_config
+from tests.conftest import TEST_XLA_FLAGS
 from tests.test_train import _final_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,8 +35,7 @@ def _free_port() -> int:
 
 def _launch(workdir, data_dir, log_dir, tag):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS.format(4))
   procs = []
   for i in range(2):
     log = open(log_dir / f"{tag}_{i}.log", "w")
@@ -116,6 +116,9 @@ def test_two_processes_survive_sigterm_and_kill_and_match_one(fake_dataset_dir, 
   np.testing.assert_allclose([m["loss"] for m in log], expected, rtol=2e-5)
   step, params = _final_params(workdir)
   assert step == 12
+  # Cross-process (gloo) and in-process all-reduces sum in different orders;
+  # Adam turns that float noise into O(lr) moves of weights whose gradient
+  # is ~0, so compare on the scale of lr (3e-3).
   for a, b in zip(params, expected_params):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   assert (workdir / "eval" / "results.json").exists()  # written by process 0
