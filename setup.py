@@ -29,5 +29,6 @@ setuptools.setup(
         "test": ["pytest>=8"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
+        "bench": ["faiss-cpu>=1.8"],  # benchmarks/knn.py compares the kNN search with FAISS
     },
 )

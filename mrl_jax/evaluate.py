@@ -8,6 +8,7 @@ evaluator returns `{metric: {dim: value}}`; the merged result is written as
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 from absl import logging
@@ -20,6 +21,7 @@ from mrl_jax import sharding
 from mrl_jax.data import input_pipeline
 from mrl_jax.evaluators import classification
 from mrl_jax.evaluators import knn
+from mrl_jax.evaluators import retrieval
 
 
 # ----------------------------------------------------------------------------
@@ -69,42 +71,101 @@ def _linear(cfg, facts, splits) -> dict[str, dict[int, float]]:
   return acc.result()
 
 
+def _neighbours(splits, dims, k: int, db_chunk: int | None = None) -> np.ndarray:
+  """[D, Q, k] nearest train rows of each eval example at `dims`.
+
+  One exact search, at the largest k any evaluator asks for
+  (splits["neighbours"]["k"], set by `evaluate`), serves them all: the first
+  k of the top-K are the top-k, ties included.
+  """
+  cache = splits.setdefault("neighbours", {})
+  if cache.get("indices") is None or cache["indices"].shape[-1] < k:
+    db, q = splits["train"], splits["eval"]
+    _, cache["indices"] = knn.knn_search(q["embedding"], db["embedding"], dims,
+                                         max(k, cache.get("k", 0)), db_chunk=db_chunk)
+  return cache["indices"][..., :k]
+
+
+def _knn_ks(cfg, num_db: int | None = None, name: str = "<name>") -> list[int]:
+  k = cfg.get("k", [1])
+  ks = retrieval.check_ks(k if isinstance(k, (list, tuple)) else [k], num_db,
+                          field=f"config.evals.{name}.k")
+  return sorted(set(ks) | {1})
+
+
 def _knn(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  """knn_top1 (1-NN) and knn{k}_top1 (majority vote of the k nearest; a tie
+  goes to the tied label with the nearest neighbour) for config k=[1, 5, ...]."""
   dims = knn.eval_dims(facts["nesting_dims"])
-  ks = sorted(set(cfg.get("k", [1])) | {1})
+  ks = _knn_ks(cfg)
   db, q = splits["train"], splits["eval"]
-  _, indices = knn.knn_search(q["embedding"], db["embedding"], dims, max(ks),
-                              db_chunk=cfg.get("db_chunk"))
+  indices = _neighbours(splits, dims, max(ks), cfg.get("db_chunk"))
   out = {}
   for k in ks:
     name = "knn_top1" if k == 1 else f"knn{k}_top1"
-    out[name] = knn.knn_accuracy(np.asarray(indices), db["label"], q["label"], dims, k=k)
+    out[name] = knn.knn_accuracy(indices, db["label"], q["label"], dims, k=k)
   return out
+
+
+def _retrieval(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  """map@k (AP normalised by k), precision@k, recall@k for config ks=[10, ...]."""
+  dims = knn.eval_dims(facts["nesting_dims"])
+  ks = retrieval.check_ks(cfg.get("ks", retrieval.DEFAULT_KS))
+  db, q = splits["train"], splits["eval"]
+  return retrieval.retrieval_metrics(_neighbours(splits, dims, ks[-1], cfg.get("db_chunk")),
+                                     db["label"], q["label"], dims, ks)
 
 
 EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     # type: (function, splits it needs)
     "linear": (_linear, ("eval",)),
-    "knn": (_knn, ("eval", "train")),
+    "knn": (_knn, ("eval", "train")),              # k=[1, 5]: 1-NN and 5-NN vote
+    "retrieval": (_retrieval, ("eval", "train")),  # ks=[10, 25, 50, 100]
 }
+
+
+def check_evals(config, facts) -> int:
+  """Checks every config.evals.<name> before anything is embedded.
+
+  Returns the number of neighbours the kNN-based evaluators need (0: none).
+  """
+  train_split = config.dataset.get("train_split")
+  num_db = getattr(facts.get("dataset"), "num_examples", {}).get(train_split)
+  need = 0
+  for name, cfg in (config.get("evals", {}) or {}).items():
+    if cfg.get("type") not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.type={cfg.get('type')!r} is not one of "
+                       f"{sorted(EVALUATORS)}.")
+    if cfg["type"] == "knn":
+      need = max(need, _knn_ks(cfg, num_db, name)[-1])
+    elif cfg["type"] == "retrieval":
+      need = max(need, retrieval.check_ks(cfg.get("ks", retrieval.DEFAULT_KS), num_db,
+                                          field=f"config.evals.{name}.ks")[-1])
+  return need
 
 
 def evaluate(config, facts, task, state, mesh, *, step: int,
              outdir: epath.PathLike | None = None) -> dict[str, Any]:
   evals = config.get("evals", {}) or {}
+  num_neighbours = check_evals(config, facts)
   needed = set()
-  for name, cfg in evals.items():
-    if cfg["type"] not in EVALUATORS:
-      raise ValueError(f"config.evals.{name}.type={cfg['type']!r} is not one of "
-                       f"{sorted(EVALUATORS)}.")
+  for cfg in evals.values():
     needed |= set(EVALUATORS[cfg["type"]][1])
-  splits = {}
+  splits: dict[str, Any] = {}
   if "eval" in needed:
     splits["eval"] = embed_split(config, task, state, mesh, config.dataset.eval_split,
                                  with_logits=True)
   if "train" in needed:
     splits["train"] = embed_split(config, task, state, mesh, config.dataset.train_split,
                                   with_logits=False)
+  if num_neighbours:
+    num_db = len(splits["train"]["label"])
+    if num_neighbours > num_db:  # only when the dataset facts had no split size
+      raise ValueError(
+          f"config.evals asks for the {num_neighbours} nearest neighbours, but the "
+          f"{config.dataset.train_split!r} split has only {num_db} examples. Fix: "
+          f"lower config.evals.<name>.k / .ks to at most {num_db}.")
+    splits["neighbours"] = {"k": num_neighbours}  # the search _neighbours shares
   metrics: dict[str, dict[str, float]] = {}
   for name, cfg in evals.items():
     fn = EVALUATORS[cfg["type"]][0]
@@ -141,8 +202,8 @@ def report_markdown(results: dict[str, Any], title: str = "") -> str:
   dims = sorted({int(d) for per_dim in metrics.values() for d in per_dim})
   trained = set(results["nesting_dims"])
   lines = [f"# {title or 'Evaluation'} at step {results['step']} ({results.get('mode', '')})", "",
-           "Accuracy (%) per embedding dimension; * = a trained nesting dim, "
-           "others are interpolated (kNN only).", "",
+           "Values (%) per embedding dimension; * = a trained nesting dim, "
+           "others are interpolated (kNN and retrieval only).", "",
            "| metric | " + " | ".join(f"{d}{'*' if d in trained else ''}" for d in dims) + " |",
            "|---|" + "---|" * len(dims)]
   for metric, per_dim in metrics.items():
@@ -150,8 +211,17 @@ def report_markdown(results: dict[str, Any], title: str = "") -> str:
     lines.append(f"| {metric} | " + " | ".join(cells) + " |")
   lines += ["", "Linear: the trained head of each dim on the eval split. kNN: "
             "database = train split, queries = eval split, cosine on each "
-            "prefix L2-normalised separately.", ""]
-  return "\n".join(lines)
+            "prefix L2-normalised separately."]
+  if any(re.fullmatch(r"knn\d+_top1", m) for m in metrics):
+    lines += ["", "knn{k}_top1: majority vote of the k nearest train examples; a tie "
+              "goes to the tied label with the nearest neighbour."]
+  if any(m.startswith(("map@", "precision@", "recall@")) for m in metrics):
+    lines += ["", "Retrieval (same search; relevant = same label): map@k is the mean "
+              "AP@k = (1/k) sum_{i<=k} P@i rel_i, normalised by k rather than by the "
+              "relevant items retrieved (the MRL paper's \"corrected\" mAP@k); "
+              "precision@k = relevant among the k nearest / k; recall@k = relevant "
+              "among the k nearest / train examples with the query's label."]
+  return "\n".join(lines + [""])
 
 
 def plot_accuracy_vs_dim(results: dict[str, Any], path: epath.Path, title: str = ""):

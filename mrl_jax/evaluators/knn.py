@@ -13,14 +13,25 @@ every prefix's raw dot product. Prefix squared norms are cumulative sums too.
 
 The [Q, N] score matrix is never materialised: database chunks are streamed
 in order and a running top-k per (dim, query) is kept on device. Ties are
-broken by the lower database index: within a chunk `lax.top_k` puts equal
-elements in index order (k = 1 takes the lowest row reaching the max), and
-the running top-k of earlier chunks wins over the new chunk on equal scores.
+broken by the lower database index everywhere.
 
-On 2 CPU cores, Q = 10,000 queries against N = 60,000 rows at d = 64 and the
-7 dims eval_dims([8, 16, 32, 64]) take about 6 s for k = 1 and 20 s for
-k = 10 (compile included: +2 s). The D score passes, not the FLOPs, set the
-time there.
+k = 1 keeps the best row per (dim, query) while streaming 512-row blocks that
+stay in cache. k > 1 spends its time in `lax.top_k`, whose CPU kernel costs a
+few ns per input element plus a fixed ~10 us per row at k = 100, so it is fed
+as little as possible: each database chunk is scored in cache-sized sub-blocks
+(scores kept, [D, Qc, Nc]) and the max of every group of 16 consecutive rows is
+taken on the fly. The chunk's top-k rows lie in its top-k groups (ranked by
+group max, ties to the lower group): a row outside them would have k groups
+ahead of it, each holding a row that ranks above it. So one `top_k` over the
+Nc/16 group maxima, a gather of the k*16 rows of those groups and one `top_k`
+over them (merged with the running top-k) give the exact top-k. With the
+default chunk (as many rows as a 256 MiB score buffer holds) a 60k database
+is one chunk: two small `top_k` calls per (dim, query) instead of one over
+every row. `benchmarks/knn.py` compares the whole search with FAISS.
+
+Queries are split over the devices (`mesh`, default: all of them); each
+device holds the whole database and searches its queries without any
+communication.
 """
 from __future__ import annotations
 
@@ -29,14 +40,24 @@ import functools
 
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 # Squared prefix norms are floored here, so zero prefixes score 0, not NaN
 # (the same floor as mrl_jax.matryoshka.truncate).
 _SQ_NORM_EPS = 1e-24
-# (db_chunk, query_chunk) by k == 1; see knn_search.
-_DEFAULT_CHUNKS = {True: (512, 256), False: (8192, 1024)}
+# k = 1: (db_chunk, query_chunk) that keep one block in cache.
+_TOP1_CHUNKS = (512, 256)
+# k > 1: rows per group of the top-k prefilter, rows scored at once (all dims)
+# and queries per block. The database chunk is as many rows as a score buffer
+# of _TOPK_BUFFER_BYTES per device holds (see knn_search).
+_GROUP = 16
+_SUB_BLOCK = 1024
+_TOPK_QUERY_CHUNK = 64
+_TOPK_BUFFER_BYTES = 256 << 20
 
 
 def eval_dims(nesting_dims: Sequence[int]) -> list[int]:
@@ -51,7 +72,8 @@ def _check_dims(dims, d: int) -> tuple[int, ...]:
   if not dims or any(b <= a for a, b in zip(dims, dims[1:])) or dims[0] < 1 or dims[-1] > d:
     raise ValueError(
         f"kNN dims={list(dims)} must be strictly increasing ints in [1, {d}] "
-        f"(the embedding size); e.g. eval_dims(config.mrl.nesting_dims).")
+        f"({d} = the embedding size); e.g. eval_dims(config.mrl.nesting_dims), "
+        "whose last dim is the embedding size.")
   return dims
 
 
@@ -76,63 +98,117 @@ def _prefix_dots(a, b, dims):
     yield acc
 
 
-def _top1_step(q, dims):
-  """Scan step keeping the best row per (dim, query): carry [D, Qc] x 2."""
+def _top1_step(q, dims, group):
+  """Scan step keeping the best group of rows per (dim, query): carry [D, Qc] x 2.
+
+  Only the group (of `group` consecutive rows) holding the best row is
+  tracked; `_best_in_group` finds the row. Finding the lowest row at the max
+  directly costs a second pass over every score; this one is over the group
+  maxima only.
+  """
   def step(carry, chunk):
-    best_s, best_i = carry
+    best_s, best_g = carry
     x, x_inv, valid, start = chunk
-    rows = start + jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]  # [Nc, 1]
-    chunk_s, chunk_i = [], []
-    # Scores are laid out [Nc, Qc] so that both reductions run over the major
-    # axis and vectorise along queries; on CPU this is several times faster
+    num_groups = x.shape[0] // group
+    groups = start // group + jnp.arange(num_groups, dtype=jnp.int32)[:, None]  # [G, 1]
+    chunk_s, chunk_g = [], []
+    # Scores are laid out [Nc, Qc] so that the reductions run over the major
+    # axes and vectorise along queries; on CPU this is several times faster
     # than argmax or top_k along the last axis.
     for j, dot in enumerate(_prefix_dots(x, q, dims)):
       s = jnp.where(valid[:, None], dot * x_inv[j][:, None], -jnp.inf)  # [Nc, Qc]
-      m = jnp.max(s, axis=0)
-      # The lowest row reaching the max: ties go to the lower index.
-      chunk_i.append(jnp.min(jnp.where(s == m, rows, jnp.iinfo(jnp.int32).max), axis=0))
+      group_max = jnp.max(s.reshape(num_groups, group, -1), axis=1)  # [G, Qc]
+      m = jnp.max(group_max, axis=0)
+      # The lowest group reaching the max holds the lowest row reaching it.
+      chunk_g.append(jnp.min(jnp.where(group_max == m, groups, jnp.iinfo(jnp.int32).max),
+                             axis=0))
       chunk_s.append(m)
-    chunk_s, chunk_i = jnp.stack(chunk_s), jnp.stack(chunk_i)  # [D, Qc]
+    chunk_s, chunk_g = jnp.stack(chunk_s), jnp.stack(chunk_g)  # [D, Qc]
     better = chunk_s > best_s  # strict: on ties the earlier chunk wins
-    return (jnp.where(better, chunk_s, best_s), jnp.where(better, chunk_i, best_i)), None
+    return (jnp.where(better, chunk_s, best_s), jnp.where(better, chunk_g, best_g)), None
   return step
 
 
-def _topk_step(q, dims, k):
+def _best_in_group(q, database, inv, db_mask, best_g, dims, group):
+  """Rescores the rows of each (dim, query)'s best group: scores, rows [D, Qc]."""
+  out_s, out_i = [], []
+  for j, m in enumerate(dims):
+    rows = jnp.maximum(best_g[j], 0)[:, None] * group + jnp.arange(group)  # [Qc, g]
+    x = database[rows, :m]  # [Qc, g, m]
+    acc = 0.0
+    for lo, hi in _chunk_bounds(dims[:j + 1]):  # chunk by chunk, as _prefix_dots
+      acc = acc + jnp.einsum("qgc,qc->qg", x[..., lo:hi], q[:, lo:hi],
+                             precision=lax.Precision.HIGHEST)
+    s = jnp.where(db_mask[rows], acc * inv[j][rows], -jnp.inf)
+    pos = jnp.argmax(s, axis=-1)  # the first max: the lowest row
+    out_s.append(jnp.take_along_axis(s, pos[:, None], axis=-1)[:, 0])
+    out_i.append(jnp.take_along_axis(rows, pos[:, None], axis=-1)[:, 0].astype(jnp.int32))
+  return jnp.stack(out_s), jnp.stack(out_i)
+
+
+def _blocking(db_chunk: int) -> tuple[int, int]:
+  """(group, sub_block) for a chunk: group | sub_block | db_chunk, sub_block <= _SUB_BLOCK."""
+  group = int(np.gcd(db_chunk, _GROUP))
+  per_chunk = db_chunk // group
+  sub = max(n for n in range(1, max(1, _SUB_BLOCK // group) + 1) if per_chunk % n == 0)
+  return group, sub * group
+
+
+def _topk_step(q, dims, k, group, sub_block):
   """Scan step keeping a running top-k per (dim, query): carry [D, Qc, k] x 2."""
+  num_dims, qc = len(dims), q.shape[0]
+  per_sub = sub_block // group  # groups per sub-block
+
+  def score(_, block):  # one cache-sized sub-block, every dim
+    x, x_inv, valid = block  # [Ns, d], [D, Ns], [Ns]
+    s = jnp.stack([jnp.where(valid[None, :], dot * x_inv[j][None, :], -jnp.inf)
+                   for j, dot in enumerate(_prefix_dots(q, x, dims))])  # [D, Qc, Ns]
+    s = s.reshape(num_dims, qc, per_sub, group)
+    return None, (s, jnp.max(s, axis=-1))
+
   def step(carry, chunk):
     top_s, top_i = carry
-    x, x_inv, valid, start = chunk
-    chunk_s, chunk_i = [], []
-    for j, dot in enumerate(_prefix_dots(q, x, dims)):
-      s = jnp.where(valid[None, :], dot * x_inv[j][None, :], -jnp.inf)  # [Qc, Nc]
-      s, i = lax.top_k(s, min(k, x.shape[0]))  # equal scores: lower index first
-      chunk_s.append(s)
-      chunk_i.append(start + i)
+    x, x_inv, valid, start = chunk  # [Nc, d], [D, Nc], [Nc], []
+    nsub = x.shape[0] // sub_block
+    _, (s, group_max) = lax.scan(score, None, (
+        x.reshape(nsub, sub_block, -1),
+        x_inv.reshape(num_dims, nsub, sub_block).transpose(1, 0, 2),
+        valid.reshape(nsub, sub_block)))  # s [nsub, D, Qc, per_sub, group]
+    group_max = group_max.transpose(1, 2, 0, 3).reshape(num_dims, qc, nsub * per_sub)
+    # The chunk's top-k rows lie in its top-k groups (module docstring).
+    _, gid = lax.top_k(group_max, min(k, nsub * per_sub))  # [D, Qc, kg]
+    gid = jnp.sort(gid, axis=-1)  # row order: equal scores stay in index order
+    cand_s = s[gid // per_sub, jnp.arange(num_dims)[:, None, None],
+               jnp.arange(qc)[None, :, None], gid % per_sub]  # [D, Qc, kg, group]
+    cand_i = start + gid[..., None] * group + jnp.arange(group, dtype=jnp.int32)
     # Running top-k (earlier rows) first, so on equal scores it wins.
-    cand_s = jnp.concatenate([top_s, jnp.stack(chunk_s)], axis=-1)
-    cand_i = jnp.concatenate([top_i, jnp.stack(chunk_i)], axis=-1)
+    cand_s = jnp.concatenate([top_s, cand_s.reshape(num_dims, qc, -1)], axis=-1)
+    cand_i = jnp.concatenate([top_i, cand_i.reshape(num_dims, qc, -1)], axis=-1)
     top_s, pos = lax.top_k(cand_s, k)
     return (top_s, jnp.take_along_axis(cand_i, pos, axis=-1)), None
   return step
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "k", "db_chunk", "query_chunk"))
 def _search(queries, database, db_mask, *, dims, k, db_chunk, query_chunk):
   """Padded inputs: queries [nq*Qc, d], database [nc*Nc, d], db_mask [nc*Nc]."""
   num_dims, d = len(dims), database.shape[1]
   nc = database.shape[0] // db_chunk
+  inv = _prefix_inv_norms(database, dims)  # [D, N]
   db_chunks = (
       database.reshape(nc, db_chunk, d),
-      _prefix_inv_norms(database, dims).reshape(num_dims, nc, db_chunk).transpose(1, 0, 2),
+      inv.reshape(num_dims, nc, db_chunk).transpose(1, 0, 2),
       db_mask.reshape(nc, db_chunk),
       jnp.arange(nc, dtype=jnp.int32) * db_chunk)  # index of each chunk's first row
+  group, sub_block = _blocking(db_chunk)
 
   def search(q):  # [Qc, d] -> scores, indices [D, Qc, k]
     shape = (num_dims, q.shape[0]) + (() if k == 1 else (k,))
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, -1, jnp.int32))
-    step = _top1_step(q, dims) if k == 1 else _topk_step(q, dims, k)
+    step = (_top1_step(q, dims, group) if k == 1
+            else _topk_step(q, dims, k, group, sub_block))
     (top_s, top_i), _ = lax.scan(step, init, db_chunks)
+    if k == 1:
+      top_s, top_i = _best_in_group(q, database, inv, db_mask, top_i, dims, group)
     top_s, top_i = top_s.reshape(num_dims, -1, k), top_i.reshape(num_dims, -1, k)
     top_i = jnp.where(top_s == -jnp.inf, -1, top_i)  # padding / fewer than k rows
     # Dividing by |q[:m]| does not change a query's ranking, so it is done
@@ -146,28 +222,56 @@ def _search(queries, database, db_mask, *, dims, k, db_chunk, query_chunk):
   return merge(scores), merge(indices)
 
 
+@functools.lru_cache(maxsize=32)
+def _sharded_search(mesh, **static):
+  """`_search` with the queries split over every axis of `mesh`, jitted once per setting."""
+  axes = P(mesh.axis_names)
+  # The database and its mask are replicated: each device answers its own
+  # queries with no communication.
+  return jax.jit(jax.shard_map(
+      functools.partial(_search, **static), mesh=mesh,
+      in_specs=(axes, P(), P()), out_specs=(P(None, mesh.axis_names),) * 2,
+      check_vma=False))
+
+
+def _to_global(x: np.ndarray, mesh, spec) -> jax.Array:
+  """A host array (the same on every process) as a global array sharded by `spec`."""
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def knn_search(queries, database, dims: Sequence[int], k: int, *,
                db_chunk: int | None = None, query_chunk: int | None = None,
-               db_mask=None):
+               db_mask=None, mesh: jax.sharding.Mesh | None = None):
   """Exact top-k cosine neighbours of each query at every prefix dim.
 
   Args:
     queries: [Q, d] embeddings (unnormalised; each prefix is normalised here).
+      Host arrays, the same on every process.
     database: [N, d] embeddings.
     dims: strictly increasing prefix sizes, e.g. `eval_dims(nesting_dims)`.
     k: neighbours per query.
     db_chunk, query_chunk: rows per streamed block. None picks what measured
-      fastest on CPU: 512 x 256 for k = 1 (the block stays in cache), 8192 x
-      1024 for k > 1 (fewer merges of the running top-k).
+      fastest on CPU: 512 x 256 for k = 1 (the block stays in cache); for
+      k > 1, 64 queries and as many database rows as a 256 MiB score buffer
+      [D, 64, db_chunk] holds (one chunk for 60k rows at 13 dims), rounded to
+      whole 1024-row sub-blocks.
     db_mask: optional [N] bool/0-1; rows with 0 (padding) are never returned.
+    mesh: devices to split the queries over (all its axes); None = every
+      device. Results do not depend on it.
 
   Returns:
-    scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k] int32
-    database rows; ties go to the lower index. Slots with no valid row left
-    (k > number of valid rows) have score -inf and index -1.
+    NumPy scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k]
+    int32 database rows; ties go to the lower index. Slots with no valid row
+    left (k > number of valid rows) have score -inf and index -1.
   """
-  queries = jnp.asarray(queries, jnp.float32)
-  database = jnp.asarray(database, jnp.float32)
+  queries = np.asarray(queries, np.float32)
+  database = np.asarray(database, np.float32)
   if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
     raise ValueError(f"kNN needs queries [Q, d] and database [N, d], got "
                      f"{queries.shape} and {database.shape}.")
@@ -176,20 +280,39 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   if k < 1:
     raise ValueError(f"kNN k={k} must be >= 1.")
   num_q, n = queries.shape[0], database.shape[0]
-  db_mask = (jnp.ones((n,), bool) if db_mask is None
-             else jnp.asarray(db_mask).astype(bool).reshape(n))
-  default_db_chunk, default_query_chunk = _DEFAULT_CHUNKS[k == 1]
-  db_chunk = max(1, min(db_chunk or default_db_chunk, n))
-  query_chunk = max(1, min(query_chunk or default_query_chunk, num_q))
+  db_mask = (np.ones((n,), bool) if db_mask is None
+             else np.asarray(db_mask).astype(bool).reshape(n))
+  if mesh is None:
+    mesh = jax.make_mesh((jax.device_count(),), ("queries",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  shards = mesh.devices.size
+  per_shard = -(-max(num_q, 1) // shards)
+  if k == 1:
+    db_chunk = db_chunk or _TOP1_CHUNKS[0]
+    query_chunk = query_chunk or _TOP1_CHUNKS[1]
+  else:
+    query_chunk = query_chunk or _TOPK_QUERY_CHUNK
+    if not db_chunk:
+      rows = _TOPK_BUFFER_BYTES // (4 * len(dims) * min(query_chunk, per_shard))
+      db_chunk = max(_SUB_BLOCK, rows // _SUB_BLOCK * _SUB_BLOCK)
+  db_chunk = max(1, int(db_chunk))
+  if db_chunk >= n:  # one chunk: pad the database to whole groups (sub-blocks) only
+    unit = _SUB_BLOCK if k > 1 and n > _SUB_BLOCK else _GROUP
+    db_chunk = -(-max(n, 1) // unit) * unit
+  query_chunk = max(1, min(int(query_chunk), per_shard))
+  per_shard = -(-per_shard // query_chunk) * query_chunk
 
-  def pad_to(x, multiple):
-    return jnp.pad(x, [(0, -x.shape[0] % multiple)] + [(0, 0)] * (x.ndim - 1))
+  def pad_to(x, size):
+    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
-  scores, indices = _search(
-      pad_to(queries, query_chunk), pad_to(database, db_chunk),
-      pad_to(db_mask, db_chunk), dims=dims, k=k, db_chunk=db_chunk,
-      query_chunk=query_chunk)
-  return scores[:, :num_q], indices[:, :num_q]
+  n_pad = max(1, -(-n // db_chunk)) * db_chunk
+  search = _sharded_search(mesh, dims=dims, k=k, db_chunk=db_chunk,
+                           query_chunk=query_chunk)
+  scores, indices = search(
+      _to_global(pad_to(queries, per_shard * shards), mesh, P(mesh.axis_names)),
+      _to_global(pad_to(database, n_pad), mesh, P()),
+      _to_global(pad_to(db_mask, n_pad), mesh, P()))
+  return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
 
 
 # ----------------------------------------------------------------------------
