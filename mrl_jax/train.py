@@ -66,8 +66,10 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         "e.g. --config.grad_accum_steps=1.")
   info = prepare.check_config(config)
   models.check_variant(config)
-  return dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
-              ff_dim=ff_dim, dataset=info)
+  facts = dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
+               ff_dim=ff_dim, dataset=info)
+  evaluate.check_evals(config, facts)  # a bad eval config fails now, not after training
+  return facts
 
 
 def num_train_steps(config, num_train_examples: int) -> int:

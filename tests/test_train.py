@@ -122,6 +122,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(fake_dataset_dir, tmp_p
     ({"dataset.label_key": "class"}, "config.dataset.label_key"),
     ({"dataset.num_classes": 3}, "config.dataset.num_classes"),
     ({"mesh.fsdp": 3}, "config.mesh"),
+    ({"evals.knn.k": [500]}, "config.evals.knn.k"),  # > the 192 database rows
+    ({"evals.knn.type": "nope"}, "config.evals.knn.type"),
 ])
 def test_bad_config_fails_before_compute(fake_dataset_dir, tmp_path, override, field):
   config = small_config(fake_dataset_dir, **override)
