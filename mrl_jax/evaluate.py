@@ -237,7 +237,8 @@ def plot_accuracy_vs_dim(results: dict[str, Any], path: epath.Path, title: str =
   ax.set_ylabel("accuracy (%)")
   ax.set_title(f"{title} step {results['step']}".strip())
   ax.grid(True, alpha=0.3)
-  ax.legend()
+  if results["metrics"]:  # (no evaluators configured: an empty plot, no legend)
+    ax.legend()
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")
