@@ -408,8 +408,7 @@ class PreemptionWatcher:
   """
 
   def __init__(self):
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    self._multi = distributed.global_state.client is not None
+    self._multi = jax.distributed.is_initialized()
     self._signalled = False
     self._previous = None
     if not self._multi and threading.current_thread() is threading.main_thread():
