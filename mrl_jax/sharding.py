@@ -173,8 +173,8 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """Pins an activation's leading (batch) dim to ('data', 'fsdp').
+def constrain_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+  """Pins an activation's batch dim (`axis`) to ('data', 'fsdp').
 
   A no-op outside a mesh context (`jax.set_mesh`), so models also run eagerly
   on one device.
@@ -182,5 +182,6 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, spec)
+  spec = [None] * x.ndim
+  spec[axis] = BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, P(*spec))

@@ -389,11 +389,7 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
   device idles and no rows move between devices.
   """
   x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    x = jax.lax.with_sharding_constraint(
-        x, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
-  return x
+  return sharding.constrain_batch(x, axis=1)
 
 
 class PreemptionWatcher:
