@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Matryoshka Representation Learning in JAX/Flax, from a CPU to a TPU pod.",
     packages=setuptools.find_packages(include=["mrl_jax", "mrl_jax.*"]),
+    package_data={"mrl_jax.data": ["vocab/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.1",

@@ -22,6 +22,7 @@ from mrl_jax.data import input_pipeline
 from mrl_jax.evaluators import classification
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import retrieval
+from mrl_jax.evaluators import zeroshot
 
 
 # ----------------------------------------------------------------------------
@@ -33,18 +34,29 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def embed_split(config, task, state, mesh, split: str, *, with_logits: bool) -> dict[str, np.ndarray]:
-  """Returns {'embedding': [N, d] f32, 'label': [N] int, 'logits': [M, N, C]?}."""
+def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
+                with_text: bool = False) -> dict[str, np.ndarray]:
+  """Returns {'embedding': [N, d] f32, 'label': [N] int, 'logits': [M, N, C]?,
+  'text_embedding': [N, K, d]?, 'text_mask': [N, K]?} (text: the first K
+  captions of each example, for image-text data)."""
   batch_size = config.get("eval_batch_size", config.batch_size)
   batch_sharding = sharding.batch_sharding(mesh)
+  with_logits = with_logits and task.has_logits
 
   @jax.jit
   def forward(params, rest, images):
-    logits, aux = task.apply(params, rest, images, train=False)
-    return (logits if with_logits else None), aux["embedding"]
+    logits, emb = task.embed_images(params, rest, images)
+    return (logits if with_logits else None), emb
 
-  outs = {"embedding": [], "label": [], "logits": []}
+  @jax.jit
+  def forward_text(params, rest, ids):  # [B, K, L] -> [B, K, d]
+    b, k, length = ids.shape
+    return task.embed_texts(params, rest, ids.reshape(b * k, length)).reshape(b, k, -1)
+
+  outs = {"embedding": [], "label": [], "logits": [], "text_embedding": [], "text_mask": []}
   for batch in input_pipeline.create_eval_iterator(config, split, batch_size):
+    if not with_text:
+      batch = {k: v for k, v in batch.items() if k not in ("text", "text_mask")}
     # The mask travels with the batch: gathered rows stay aligned with it.
     g = input_pipeline.make_global_batch(batch, batch_sharding)
     logits, emb = forward(state["params"], state["rest"], g["image"])
@@ -53,11 +65,33 @@ def embed_split(config, task, state, mesh, split: str, *, with_logits: bool) -> 
     outs["label"].append(_to_host(g["label"])[keep])
     if with_logits:
       outs["logits"].append(_to_host(logits)[:, keep])
+    if with_text:
+      text_emb = forward_text(state["params"], state["rest"], g["text"])
+      outs["text_embedding"].append(_to_host(text_emb)[keep])
+      outs["text_mask"].append(_to_host(g["text_mask"])[keep])
   result = {"embedding": np.concatenate(outs["embedding"]).astype(np.float32),
             "label": np.concatenate(outs["label"])}
   if with_logits:
     result["logits"] = np.concatenate(outs["logits"], axis=1)
+  if with_text:
+    result["text_embedding"] = np.concatenate(outs["text_embedding"]).astype(np.float32)
+    result["text_mask"] = np.concatenate(outs["text_mask"]).astype(bool)
   return result
+
+
+def embed_texts(config, task, state, mesh, texts: list[str]) -> np.ndarray:
+  """[len(texts), d] text-tower embeddings of `texts` (e.g. zero-shot prompts)."""
+  tokenizer = input_pipeline.load_tokenizer(config)
+  ids = tokenizer.encode_batch(texts)["ids"]
+  # Padded to a multiple of the batch shards; rows split over devices.
+  shards = sharding.num_batch_shards(mesh)
+  padded = np.zeros((-(-len(ids) // shards) * shards, ids.shape[1]), np.int32)
+  padded[:len(ids)] = ids
+  g = jax.make_array_from_process_local_data(
+      sharding.replicated(mesh), padded)
+  emb = jax.jit(task.embed_texts, out_shardings=sharding.replicated(mesh))(
+      state["params"], state["rest"], g)
+  return np.asarray(emb.addressable_data(0))[:len(texts)].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -116,12 +150,49 @@ def _retrieval(cfg, facts, splits) -> dict[str, dict[int, float]]:
                                      db["label"], q["label"], dims, ks)
 
 
+def _class_names(cfg, facts) -> list[str]:
+  names = cfg.get("class_names") or getattr(facts.get("dataset"), "class_names", None)
+  if not names:
+    raise ValueError(
+        "Zero-shot needs class names: the dataset's label feature has none; set "
+        "config.evals.<name>.class_names=[...] (one per label, in label order).")
+  return list(names)
+
+
+def _zeroshot(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  """zeroshot_top1: class prompts embedded by the text tower (see zeroshot.py)."""
+  dims = knn.eval_dims(facts["nesting_dims"])
+  names = _class_names(cfg, facts)
+  emb = splits["embed_texts"](zeroshot.prompts(names, _templates(cfg)))
+  ev = splits["eval"]
+  return {"zeroshot_top1": zeroshot.zeroshot_accuracy(
+      ev["embedding"], ev["label"], emb, len(names), dims)}
+
+
+def _templates(cfg):
+  return list(cfg.get("templates") or zeroshot.DEFAULT_TEMPLATES)
+
+
+def _image_text(cfg, facts, splits) -> dict[str, dict[int, float]]:
+  """i2t_recall@k, t2i_recall@k on the first num_images eval images."""
+  dims = knn.eval_dims(facts["nesting_dims"])
+  ev = splits["eval"]
+  n = cfg.get("num_images") or len(ev["embedding"])
+  return zeroshot.image_text_recall(
+      ev["embedding"][:n], ev["text_embedding"][:n], ev["text_mask"][:n], dims,
+      cfg.get("ks", zeroshot.DEFAULT_RECALL_KS))
+
+
 EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     # type: (function, splits it needs)
     "linear": (_linear, ("eval",)),
     "knn": (_knn, ("eval", "train")),              # k=[1, 5]: 1-NN and 5-NN vote
     "retrieval": (_retrieval, ("eval", "train")),  # ks=[10, 25, 50, 100]
+    # Image-text models (dual encoders):
+    "zeroshot": (_zeroshot, ("eval",)),            # class_names, templates
+    "image_text": (_image_text, ("eval",)),        # num_images, ks=[1, 5, 10]
 }
+_NEEDS_TEXT_TOWER = ("zeroshot", "image_text")
 
 
 def check_evals(config, facts) -> int:
@@ -132,10 +203,30 @@ def check_evals(config, facts) -> int:
   train_split = config.dataset.get("train_split")
   num_db = getattr(facts.get("dataset"), "num_examples", {}).get(train_split)
   need = 0
+  dual = config.model.name == "dual_encoder"
   for name, cfg in (config.get("evals", {}) or {}).items():
     if cfg.get("type") not in EVALUATORS:
       raise ValueError(f"config.evals.{name}.type={cfg.get('type')!r} is not one of "
                        f"{sorted(EVALUATORS)}.")
+    if cfg["type"] in _NEEDS_TEXT_TOWER and not dual:
+      raise ValueError(f"config.evals.{name}.type={cfg['type']!r} needs a text tower "
+                       "(config.model.name='dual_encoder').")
+    if cfg["type"] == "linear" and dual:
+      raise ValueError(
+          f"config.evals.{name}.type='linear' reads the trained classifier heads; a "
+          "dual encoder has none. Use 'zeroshot' (and 'knn') instead.")
+    if cfg["type"] == "zeroshot":
+      zeroshot.prompts(["x"], _templates(cfg))  # bad templates fail now
+      if facts.get("dataset") is not None:
+        names = _class_names(cfg, facts)
+        num = config.dataset.get("num_classes")
+        if num and len(names) != num:
+          raise ValueError(
+              f"config.evals.{name}.class_names has {len(names)} names but "
+              f"config.dataset.num_classes={num}.")
+    if cfg["type"] == "image_text" and not config.dataset.get("text_key"):
+      raise ValueError(f"config.evals.{name}.type='image_text' needs captions: set "
+                       "config.dataset.text_key.")
     if cfg["type"] == "knn":
       need = max(need, _knn_ks(cfg, num_db, name)[-1])
     elif cfg["type"] == "retrieval":
@@ -151,10 +242,13 @@ def evaluate(config, facts, task, state, mesh, *, step: int,
   needed = set()
   for cfg in evals.values():
     needed |= set(EVALUATORS[cfg["type"]][1])
+  types = {cfg["type"] for cfg in evals.values()}
   splits: dict[str, Any] = {}
   if "eval" in needed:
     splits["eval"] = embed_split(config, task, state, mesh, config.dataset.eval_split,
-                                 with_logits=True)
+                                 with_logits=True, with_text="image_text" in types)
+  if "zeroshot" in types:
+    splits["embed_texts"] = lambda texts: embed_texts(config, task, state, mesh, texts)
   if "train" in needed:
     splits["train"] = embed_split(config, task, state, mesh, config.dataset.train_split,
                                   with_logits=False)

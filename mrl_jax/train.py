@@ -19,7 +19,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,6 +30,7 @@ from mrl_jax import evaluate
 from mrl_jax import matryoshka
 from mrl_jax import models
 from mrl_jax import sharding
+from mrl_jax import tasks
 from mrl_jax.data import input_pipeline
 from mrl_jax.data import prepare
 
@@ -44,6 +44,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
       config.mrl.nesting_dims, config.mrl.get("weights"),
       config.model.representation_size)
   mode = config.mrl.mode
+  if tasks.is_contrastive(config):
+    tasks.check_contrastive_config(config)
   ff_dim = config.mrl.get("ff_dim") or nesting[-1]
   head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
   if mode == "ff":
@@ -68,6 +70,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   models.check_variant(config)
   facts = dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
                ff_dim=ff_dim, dataset=info)
+  if config.dataset.get("text_key"):
+    # Reads the vocabulary: a missing or malformed file fails here.
+    facts["vocab_size"] = input_pipeline.load_tokenizer(config).vocab_size
   evaluate.check_evals(config, facts)  # a bad eval config fails now, not after training
   return facts
 
@@ -86,15 +91,6 @@ def num_train_steps(config, num_train_examples: int) -> int:
 # ----------------------------------------------------------------------------
 # Model and optimizer.
 # ----------------------------------------------------------------------------
-def build_model(config, facts, *, rngs: nnx.Rngs) -> nnx.Module:
-  head = matryoshka.make_head(
-      config.mrl.mode, facts["nesting_dims"], config.dataset.num_classes,
-      ff_dim=facts["ff_dim"], rngs=rngs)
-  return models.get_model(
-      config, num_classes=config.dataset.num_classes, head=head,
-      channels=facts["dataset"].image_shape[-1], rngs=rngs)
-
-
 def _decay_mask(params):
   # No weight decay on biases, norms' scales and other vectors (standard).
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
@@ -145,42 +141,20 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   return opt
 
 
-class Task:
-  """What the step and the evaluators need from the model, as pure functions."""
-
-  def __init__(self, config, facts):
-    self.config, self.facts = config, facts
-    abstract_model = nnx.eval_shape(lambda: build_model(config, facts, rngs=nnx.Rngs(0)))
-    self.graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
-
-  def init_state(self, tx):
-    model = build_model(self.config, self.facts, rngs=nnx.Rngs(self.config.seed))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-            "opt_state": tx.init(params)}
-
-  def apply(self, params, rest, images, *, train: bool):
-    model = nnx.merge(self.graphdef, params, rest)
-    return model(images, train=train)  # (logits [M, B, C], aux)
+# The task (model + loss): `tasks.get_task(config, facts)`.
+Task = tasks.get_task  # (config, facts) -> the task; kept for callers of train.Task
 
 
-def make_train_step(config, facts, task: Task, tx: optax.GradientTransformation,
+def make_train_step(config, facts, task, tx: optax.GradientTransformation,
                     mesh, state_sharding):
   """The jitted update `(state, batch) -> (state, metrics)`, state donated.
 
-  Loss: the weighted sum over nesting dims of the per-dim softmax CE (fp32),
-  averaged over `config.grad_accum_steps` microbatches when > 1.
+  Loss: `task.loss`, the weighted sum over nesting dims of the per-dim loss
+  (softmax CE, or the contrastive loss of a dual encoder; fp32), averaged
+  over `config.grad_accum_steps` microbatches when > 1. With microbatches a
+  contrastive loss sees B / grad_accum_steps pairs at a time.
   """
-  weights = jnp.asarray(facts["weights"], jnp.float32)
-  label_smoothing = config.mrl.get("label_smoothing", 0.0)
-
-  def loss_fn(params, rest, batch):
-    logits, _ = task.apply(params, rest, batch["image"], train=True)
-    per_dim = matryoshka.softmax_ce_per_dim(
-        logits, batch["label"], label_smoothing=label_smoothing)  # [M]
-    return jnp.sum(weights * per_dim), per_dim
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
   accum = config.get("grad_accum_steps", 1)
 
   def accumulated_grads(params, rest, batch):
@@ -201,10 +175,11 @@ def make_train_step(config, facts, task: Task, tx: optax.GradientTransformation,
   @functools.partial(jax.jit, donate_argnums=0,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
   def train_step(state, batch):
-    (loss, per_dim), grads = accumulated_grads(state["params"], state["rest"], batch)
+    (loss, (per_dim, extra)), grads = accumulated_grads(
+        state["params"], state["rest"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **extra}
     for m, l in zip(facts["head_dims"], per_dim):
       metrics[f"loss_dim{m}"] = l
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
@@ -242,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sharding = sharding.batch_sharding(mesh)
 
   # Model, optimizer, train state (initialised directly in its sharding).
-  task = Task(config, facts)
+  task = tasks.get_task(config, facts)
   tx = build_optimizer(config, total_steps)
   schedule = build_schedule(config, total_steps)
   init_fn = functools.partial(task.init_state, tx)
@@ -250,7 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       init_fn, mesh, config.get("sharding_rules"))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
-               config.model.variant, num_params / 1e6)
+               config.model.get("variant", ""), num_params / 1e6)
 
   train_step = make_train_step(config, facts, task, tx, mesh, state_sharding)
 
@@ -343,7 +318,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = _absolute(workdir)
   mesh = sharding.create_mesh(config.mesh)
   facts = check_config(config, mesh)
-  task = Task(config, facts)
+  task = tasks.get_task(config, facts)
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   tx = build_optimizer(config, total_steps)
   abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh,

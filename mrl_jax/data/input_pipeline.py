@@ -180,6 +180,37 @@ def _preprocess_options(config, source) -> dict[str, Any]:
   )
 
 
+def text_transform(config, source=None) -> preprocess.TextTransform | None:
+  """The tokenizer step for image-text data (config.dataset.text_key set)."""
+  text_key = config.dataset.get('text_key')
+  if not text_key:
+    return None
+  if source is not None:
+    features = source.dataset_info.features
+    try:
+      preprocess.top_level_key(text_key, features.keys())
+    except KeyError:
+      raise ValueError(
+          f'config.dataset.text_key={text_key!r} is not a feature of'
+          f' {config.dataset.name}; available keys: {sorted(features.keys())}.'
+      ) from None
+  return preprocess.TextTransform(
+      text_key=text_key, tokenizer=load_tokenizer(config))
+
+
+def load_tokenizer(config):
+  """config.text.{vocab_path, max_len, lowercase} -> a WordPieceTokenizer."""
+  from mrl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  key = (config.text.vocab_path, config.text.max_len, config.text.get('lowercase', True))
+  if key not in _TOKENIZERS:
+    _TOKENIZERS[key] = tokenizer_lib.WordPieceTokenizer(
+        config.text.vocab_path, lowercase=key[2], max_len=key[1])
+  return _TOKENIZERS[key]
+
+
+_TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+
+
 def _grain_seed(seed: int) -> int:
   """Config seed -> 32-bit Grain seed, decorrelated across nearby seeds.
 
@@ -266,6 +297,7 @@ def create_train_loader(
               transform,
               batched=transform.batchable(image_shape),
               rows=slice(index * batch, (index + 1) * batch),
+              text=text_transform(config, source),
           )
       )
   )
@@ -298,30 +330,50 @@ class _ReadAndAugment(grain.transforms.RandomMap):
   """
 
   def __init__(self, source, transform: preprocess.TrainTransform, *,
-               batched: bool, rows: slice):
+               batched: bool, rows: slice,
+               text: preprocess.TextTransform | None = None):
     self.source = source
     self.transform = transform
     self.batched = batched
     self.rows = rows
+    self.text = text
+    self.text_top = None if text is None else preprocess.top_level_key(
+        text.text_key, source.dataset_info.features.keys())
 
   def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
     total = len(indices)
     mine = [int(i) for i in indices[self.rows]]
-    keys = (self.transform.image_key, self.transform.label_key)
+    image_key, label_key = self.transform.image_key, self.transform.label_key
+    keys = tuple(k for k in (image_key, label_key, self.text_top) if k)
     if self.batched:
       columns = _read_columns(self.source, mine, keys)
-      return self.transform.random_map_batch(
-          *(columns[k] for k in keys), rng, rows=self.rows, batch_size=total
-      )
-    seeds = rng.integers(0, 2**63 - 1, size=total)[self.rows]
-    examples = [
-        self.transform.random_map(r, np.random.default_rng(s))
-        for r, s in zip(self.source.__getitems__(mine), seeds)
-    ]
-    return {
-        'image': np.stack([e['image'] for e in examples]),
-        'label': np.asarray([e['label'] for e in examples], np.int32),
-    }
+      out = self.transform.random_map_batch(
+          columns[image_key], columns.get(label_key) if label_key else None,
+          rng, rows=self.rows, batch_size=total)
+    else:
+      seeds = rng.integers(0, 2**63 - 1, size=total)[self.rows]
+      records = self.source.__getitems__(mine)
+      examples = [
+          self.transform.random_map(r, np.random.default_rng(s))
+          for r, s in zip(records, seeds)
+      ]
+      out = {
+          'image': np.stack([e['image'] for e in examples]),
+          'label': np.asarray([e['label'] for e in examples], np.int32),
+      }
+      columns = {self.text_top: [r[self.text_top] for r in records]} if self.text else {}
+    if self.text is not None:
+      # Drawn after the image parameters, for the whole global batch.
+      draws = rng.random(total)[self.rows]
+      values = [_text_value(v, self.text.text_key, self.text_top)
+                for v in columns[self.text_top]]
+      out.update(self.text.sample(values, draws))
+    return out
+
+
+def _text_value(value, text_key: str, top: str):
+  """The text feature inside the top-level feature `top` of one record."""
+  return value if text_key == top else preprocess.lookup({top: value}, text_key)
 
 
 def _read_columns(source, indices: list[int], keys) -> dict[str, np.ndarray]:
@@ -329,7 +381,14 @@ def _read_columns(source, indices: list[int], keys) -> dict[str, np.ndarray]:
   if isinstance(source, InMemorySource):
     return source.gather(indices, keys)
   records = source.__getitems__(indices)
-  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+  out = {}
+  for k in keys:
+    try:
+      out[k] = np.stack([np.asarray(r[k]) for r in records])
+    except ValueError:  # ragged (e.g. a variable number of captions)
+      out[k] = np.empty(len(records), dtype=object)
+      out[k][:] = [r[k] for r in records]
+  return out
 
 
 def _allow_grain_workers() -> None:
@@ -383,6 +442,8 @@ class EvalBatches:
   start: int
   stop: int
   worker_count: int = 0
+  text: preprocess.TextTransform | None = None
+  captions_per_example: int = 5
 
   def __len__(self) -> int:
     return self.num_batches
@@ -407,9 +468,15 @@ class EvalBatches:
     # One batched read: array_record fetches the records together.
     records = self.source.__getitems__(indices) if indices else []
     examples = [self.transform.map(r) for r in records]
-    return self._pad(
+    batch = self._pad(
         [e['image'] for e in examples], [e['label'] for e in examples]
     )
+    if self.text is not None:
+      top = preprocess.top_level_key(self.text.text_key, records[0].keys()) if records else None
+      values = [_text_value(r[top], self.text.text_key, top) for r in records]
+      values += [[]] * (self.batch_size - len(values))  # padding rows: no text
+      batch.update(self.text.all_captions(values, self.captions_per_example))
+    return batch
 
   def _pad(self, images: list[np.ndarray], labels: list[np.int32]) -> Batch:
     n = len(images)
@@ -466,6 +533,8 @@ def create_eval_iterator(
       start=start,
       stop=stop,
       worker_count=config.input.get('worker_count', 0),
+      text=text_transform(config, source),
+      captions_per_example=config.get('text', {}).get('eval_captions', 5),
   )
 
 

@@ -43,6 +43,9 @@ import tensorflow_datasets as tfds
 # directly avoids loading the whole `tfds.image_classification` catalogue.
 from tensorflow_datasets.image_classification import mnist
 
+# Registers the image-caption datasets built from labelled ones.
+from mrl_jax.data import captions  # pylint: disable=unused-import
+
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
 # Where Debian's `dataset-fashion-mnist` package installs the original files.
@@ -339,8 +342,9 @@ def check_dataset(
     data_dir: str | None,
     split: str | Sequence[str] | Mapping[str, str],
     image_key: str = 'image',
-    label_key: str = 'label',
+    label_key: str | None = 'label',
     num_classes: int | None = None,
+    text_key: str | None = None,
 ) -> DatasetSummary:
   """Checks that the input pipeline can read a dataset; reads metadata only.
 
@@ -351,8 +355,10 @@ def check_dataset(
       config field that holds each split to the split, so that errors name the
       field (`{'config.dataset.eval_split': 'test'}`).
     image_key: config.dataset.image_key.
-    label_key: config.dataset.label_key.
+    label_key: config.dataset.label_key; None for unlabelled (image-text) data.
     num_classes: config.dataset.num_classes; None skips the label range check.
+    text_key: config.dataset.text_key of image-text data (a string or a
+      sequence of strings; 'captions/text' for a nested feature), or None.
 
   Returns:
     A DatasetSummary.
@@ -421,6 +427,24 @@ def check_dataset(
         f'config.dataset.image_key={image_key!r} has shape {image_shape}, not'
         f' an image [H, W, C]; available keys: {keys}.'
     )
+  if text_key is not None:
+    from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+    try:
+      top = preprocess.top_level_key(text_key, keys)
+      feature = features[top]
+      for part in filter(None, text_key[len(top):].split('/')):
+        feature = getattr(feature, 'feature', feature)[part]  # into Sequence
+    except (KeyError, TypeError):
+      raise ValueError(
+          f'config.dataset.text_key={text_key!r} is not a feature of {name};'
+          f' available keys: {keys}. Image-text data needs a text feature:'
+          ' set --config.dataset.text_key=KEY (e.g. captions/text for'
+          ' coco_captions).'
+      ) from None
+  if label_key is None:
+    return DatasetSummary(
+        name=name, path=str(builder.data_dir), num_examples=num_examples,
+        image_shape=image_shape, num_classes=None, class_names=None)
   if label_key not in features:
     raise ValueError(
         f'config.dataset.label_key={label_key!r} is not a feature of {name};'
@@ -465,6 +489,7 @@ def check_config(config) -> DatasetSummary:
       image_key=ds.get('image_key', 'image'),
       label_key=ds.get('label_key', 'label'),
       num_classes=ds.get('num_classes'),
+      text_key=ds.get('text_key'),
   )
 
 

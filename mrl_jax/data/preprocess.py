@@ -278,7 +278,7 @@ class _Options:
   """
 
   image_key: str = 'image'
-  label_key: str = 'label'
+  label_key: str | None = 'label'  # None: unlabelled (image-text data)
   image_size: Size = 224
   small: bool = False
   mean: tuple[float, ...] | None = None
@@ -287,7 +287,7 @@ class _Options:
   def output(self, image: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
     return {
         'image': normalize(image, self.mean, self.std),
-        'label': np.int32(record[self.label_key]),
+        'label': np.int32(record[self.label_key] if self.label_key else -1),
     }
 
 
@@ -348,7 +348,7 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
 
     Args:
       images: uint8 [b, H, W(, C)], the rows `rows` of a batch.
-      labels: [b].
+      labels: [b], or None for unlabelled data (labels -1).
       rng: the generator of the whole batch.
       rows: which rows of the batch these are (a process's share).
       batch_size: rows in the whole batch (default: b).
@@ -367,7 +367,8 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
       images = flip_batch(images, flips[rows])
     return {
         'image': normalize(images, self.mean, self.std),
-        'label': np.asarray(labels, np.int32),
+        'label': (np.full(len(images), -1, np.int32) if labels is None
+                  else np.asarray(labels, np.int32)),
     }
 
 
@@ -379,3 +380,85 @@ class EvalTransform(_Options, grain.transforms.Map):
     image = _as_hwc(element[self.image_key])
     image = eval_image(image, self.image_size, self.small)
     return self.output(image, element)
+
+
+# ------------------------------------------------------------------- text --
+
+
+def lookup(record: dict[str, Any], key: str) -> Any:
+  """`record[key]`, where KEY may be a path into nested features.
+
+  'captions/text' reads coco_captions' `captions` -> `text`; a key that is
+  itself a feature name containing '/' ('image/filename') is found first.
+  """
+  if key in record:
+    return record[key]
+  parts = key.split('/')
+  for i in range(len(parts) - 1, 0, -1):
+    head = '/'.join(parts[:i])
+    if head in record:
+      return lookup(record[head], '/'.join(parts[i:]))
+  raise KeyError(key)
+
+
+def top_level_key(key: str, feature_keys) -> str:
+  """The top-level feature that `lookup(record, key)` starts from."""
+  parts = key.split('/')
+  for i in range(len(parts), 0, -1):
+    if '/'.join(parts[:i]) in feature_keys:
+      return '/'.join(parts[:i])
+  raise KeyError(key)
+
+
+def as_texts(value: Any) -> list[str]:
+  """A text feature's value (one string or a sequence of them) -> [str]."""
+  if isinstance(value, (str, bytes)) or (
+      isinstance(value, np.ndarray) and value.ndim == 0):
+    value = [value.item() if isinstance(value, np.ndarray) else value]
+  return [v.decode('utf-8') if isinstance(v, bytes) else str(v) for v in value]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTransform:
+  """The text feature of records -> token ids.
+
+  Train (`sample`): one caption per example, picked by a uniform draw, so an
+  example with several captions shows a different one each epoch. Eval
+  (`all_captions`): the first `k` captions of each example with a mask.
+  Texts longer than the tokenizer's max_len are truncated and flagged
+  (`text_truncated`); empty texts encode as [CLS] [SEP] and are flagged
+  (`text_empty`), as is an example without any caption.
+  """
+
+  text_key: str
+  tokenizer: Any  # mrl_jax.data.tokenizer.WordPieceTokenizer
+
+  def texts(self, record_value: Any) -> list[str]:
+    return as_texts(record_value) or ['']
+
+  def sample(self, values: list[Any], draws: np.ndarray) -> dict[str, np.ndarray]:
+    """values: the text feature of b examples; draws: uniform [b] in [0, 1)."""
+    chosen = []
+    for value, u in zip(values, draws):
+      texts = self.texts(value)
+      chosen.append(texts[min(int(u * len(texts)), len(texts) - 1)])
+    out = self.tokenizer.encode_batch(chosen)
+    return {'text': out['ids'], 'text_truncated': out['truncated'],
+            'text_empty': out['empty']}
+
+  def all_captions(self, values: list[Any], k: int) -> dict[str, np.ndarray]:
+    """ids [b, k, L] of each example's first k captions; text_mask [b, k]."""
+    b, length = len(values), self.tokenizer.max_len
+    ids = np.zeros((b, k, length), np.int32)
+    mask = np.zeros((b, k), np.int32)
+    flat, where = [], []
+    for i, value in enumerate(values):
+      for j, text in enumerate(as_texts(value)[:k]):
+        flat.append(text)
+        where.append((i, j))
+    if flat:
+      encoded = self.tokenizer.encode_batch(flat)['ids']
+      rows, cols = np.asarray(where).T
+      ids[rows, cols] = encoded
+      mask[rows, cols] = 1
+    return {'text': ids, 'text_mask': mask}

@@ -2,6 +2,11 @@
 
 Every model maps images (or text) to `(logits [M, B, C] | None, aux)` with
 aux['embedding'] the float32 embedding z [B, d] that the nesting applies to.
+
+'dual_encoder' (ALIGN-style) takes its image tower from `config.model.image`
+(a ViT config: variant, pool_type, posemb, ...) and its text tower from
+`config.model.text` (variant, pool_type); both project to
+`config.model.representation_size`.
 """
 from __future__ import annotations
 
@@ -10,37 +15,86 @@ from typing import Callable
 from flax import nnx
 import jax.numpy as jnp
 
+from mrl_jax.models import dual_encoder
+from mrl_jax.models import text
 from mrl_jax.models import vit
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _vit(config, *, num_classes, head, channels, dtype, rngs) -> nnx.Module:
-  m = config.model
+def _vit(config, *, num_classes, head, channels, dtype, rngs, m=None,
+         representation_size=None) -> nnx.Module:
+  m = config.model if m is None else m
   return vit.ViT(
       num_classes=num_classes, variant=m.get("variant"),
       width=m.get("width"), depth=m.get("depth"), mlp_dim=m.get("mlp_dim"),
       num_heads=m.get("num_heads"), image_size=config.input.image_size,
       channels=channels, pool_type=m.get("pool_type", "gap"),
       posemb=m.get("posemb", "learn"),
-      representation_size=m.get("representation_size"), head=head,
-      dropout=m.get("dropout", 0.0), dtype=dtype,
+      representation_size=representation_size or m.get("representation_size"),
+      head=head, dropout=m.get("dropout", 0.0), dtype=dtype,
       remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
       rngs=rngs)
 
 
-def _check_vit(config):
-  m = config.model
+def _check_vit(config, m=None, where="config.model"):
+  m = config.model if m is None else m
   if m.get("variant") is not None:
     vit.decode_variant(m.variant)
   for field, allowed in (("pool_type", vit.POOL_TYPES), ("posemb", vit.POSEMB_TYPES)):
     if field in m and m[field] not in allowed:
-      raise ValueError(f"config.model.{field}={m[field]!r} is not one of {allowed}.")
+      raise ValueError(f"{where}.{field}={m[field]!r} is not one of {allowed}.")
+
+
+def _dual_encoder(config, *, num_classes, head, channels, dtype, rngs,
+                  vocab_size: int, nesting_dims, **unused) -> nnx.Module:
+  del num_classes, head, unused
+  m, d = config.model, config.model.representation_size
+  image_tower = _vit(config, num_classes=None, head=None, channels=channels,
+                     dtype=dtype, rngs=rngs, m=m.image, representation_size=d)
+  t = m.text
+  text_tower = text.TextEncoder(
+      vocab_size=vocab_size, max_len=config.text.max_len,
+      variant=t.get("variant"), width=t.get("width"), depth=t.get("depth"),
+      mlp_dim=t.get("mlp_dim"), num_heads=t.get("num_heads"),
+      pool_type=t.get("pool_type", "cls"), representation_size=d,
+      dropout=t.get("dropout", 0.0), dtype=dtype,
+      remat=t.get("remat", False), scan_layers=t.get("scan_layers", False),
+      rngs=rngs)
+  c = config.get("contrastive", {})
+  return dual_encoder.DualEncoder(
+      image_tower, text_tower, nesting_dims=nesting_dims,
+      kind=c.get("kind", "softmax"), temperature=c.get("temperature"),
+      learn_temperature=c.get("learn_temperature", True), bias=c.get("bias"),
+      per_prefix=c.get("per_prefix", False), max_scale=c.get("max_scale"))
+
+
+def _check_dual_encoder(config):
+  m = config.model
+  for tower in ("image", "text"):
+    if tower not in m:
+      raise ValueError(
+          f"config.model.name='dual_encoder' needs config.model.{tower} (the "
+          f"{tower} tower's config); see configs/fashion_mnist_align.py.")
+  if m.image.get("name", "vit") != "vit":
+    raise ValueError(f"config.model.image.name={m.image.name!r}: only 'vit' "
+                     "image towers exist so far.")
+  _check_vit(config, m.image, "config.model.image")
+  if m.text.get("variant") is not None:
+    text.decode_variant(m.text.variant)
+  pool = m.text.get("pool_type", "cls")
+  if pool not in text.POOL_TYPES:
+    raise ValueError(f"config.model.text.pool_type={pool!r} is not one of "
+                     f"{text.POOL_TYPES}.")
+  if "text" not in config or not config.text.get("vocab_path"):
+    raise ValueError("config.model.name='dual_encoder' needs config.text.vocab_path "
+                     "(a WordPiece vocab.txt) and config.text.max_len.")
 
 
 # name: (builder, cheap config check run before any compute).
 MODELS: dict[str, tuple[Callable[..., nnx.Module], Callable]] = {
     "vit": (_vit, _check_vit),
+    "dual_encoder": (_dual_encoder, _check_dual_encoder),
 }
 
 
@@ -63,10 +117,14 @@ def check_variant(config) -> None:
   check(config)
 
 
-def get_model(config, *, num_classes: int, head: nnx.Module | None,
-              channels: int, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds config.model for images of config.input.image_size x `channels`."""
+def get_model(config, *, num_classes: int | None, head: nnx.Module | None,
+              channels: int, rngs: nnx.Rngs, **extra) -> nnx.Module:
+  """Builds config.model for images of config.input.image_size x `channels`.
+
+  `extra`: what a model needs beyond the image shape (the dual encoder:
+  vocab_size and the nesting_dims its per-prefix temperatures follow).
+  """
   (build, check), dtype = _lookup(config)
   check(config)
   return build(config, num_classes=num_classes, head=head, channels=channels,
-               dtype=dtype, rngs=rngs)
+               dtype=dtype, rngs=rngs, **extra)

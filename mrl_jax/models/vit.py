@@ -130,6 +130,35 @@ class Encoder1DBlock(nnx.Module):
     return x + self.dropout(y, deterministic=not train)
 
 
+def stack_blocks(make_block, depth: int, *, scan_layers: bool, rngs: nnx.Rngs):
+  """`depth` blocks from `make_block(rngs)`: a list, or (scan_layers) one
+  block whose params have a leading 'layers' axis of size depth, compiled
+  once and run with a scan (compile time independent of depth)."""
+  if scan_layers:
+    return nnx.split_rngs(splits=depth)(nnx.vmap(
+        make_block, in_axes=(0,), out_axes=0,
+        transform_metadata={nnx.PARTITION_NAME: "layers"}))(rngs)
+  return nnx.List([make_block(rngs) for _ in range(depth)])
+
+
+def run_blocks(x, blocks, apply_block, *, remat: bool, scan_layers: bool,
+               broadcast: tuple = ()):
+  """x <- apply_block(x, block, *broadcast) for each block of `stack_blocks`.
+
+  remat recomputes each block's activations in the backward pass.
+  """
+  if remat:
+    apply_block = nnx.remat(apply_block)
+  if scan_layers:
+    return nnx.scan(apply_block, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast),
+                    out_axes=nnx.Carry,
+                    transform_metadata={nnx.PARTITION_NAME: "layers"}
+                    )(x, blocks, *broadcast)
+  for block in blocks:
+    x = apply_block(x, block, *broadcast)
+  return x
+
+
 class ViT(nnx.Module):
   """ViT encoder + linear representation layer + (optional) MRL head.
 
@@ -207,14 +236,8 @@ class ViT(nnx.Module):
     make_block = lambda rngs: Encoder1DBlock(
         width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    if scan_layers:
-      # One block whose params have a leading 'layers' axis of size depth:
-      # compiled once and run with a scan (compile time independent of depth).
-      self.blocks = nnx.split_rngs(splits=arch["depth"])(nnx.vmap(
-          make_block, in_axes=(0,), out_axes=0,
-          transform_metadata={nnx.PARTITION_NAME: "layers"}))(rngs)
-    else:
-      self.blocks = nnx.List([make_block(rngs) for _ in range(arch["depth"])])
+    self.blocks = stack_blocks(make_block, arch["depth"], scan_layers=scan_layers,
+                               rngs=rngs)
     self.encoder_norm = nnx.LayerNorm(
         width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
@@ -248,14 +271,8 @@ class ViT(nnx.Module):
     def apply_block(x, block):
       return sharding.constrain_batch(block(x, train=train))
 
-    if self.remat:  # Recompute each block's activations in the backward pass.
-      apply_block = nnx.remat(apply_block)
-    if self.scan_layers:
-      x = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                   transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.blocks)
-    else:
-      for block in self.blocks:
-        x = apply_block(x, block)
+    x = run_blocks(x, self.blocks, apply_block, remat=self.remat,
+                   scan_layers=self.scan_layers)
     x = self.encoder_norm(x)
 
     pre_logits = x.mean(axis=1) if self.pool_type == "gap" else x[:, 0]  # [B, width]
