@@ -1,4 +1,6 @@
-# mrl_jax: `make demo` trains the Fashion-MNIST MRL ViT; `make test` runs the tests.
+# mrl_jax: `make demo` trains the Fashion-MNIST MRL ViT; `make demo_align` the MRL
+# dual encoder on Fashion-MNIST captions (`make demo_align_ff`: its fixed-feature
+# baseline); `make test` runs the tests.
 # Both create (or refresh, when setup.py / constraints.txt change) the virtualenv.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ CONFIG_DATA_FLAG := $(if $(DATA_DIR),--config.dataset.data_dir=$(DATA_DIR),)
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: install data demo test clean
+.PHONY: install data data_align demo demo_align demo_align_ff test clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +39,17 @@ data: install $(FMNIST_SRC)
 
 demo: data
 	$(PY) -m mrl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(CONFIG_DATA_FLAG) $(ARGS)
+
+# Image-caption pairs written from the class names (mrl_jax/data/captions.py).
+data_align: data
+	$(PY) -m mrl_jax.data.prepare --dataset=fashion_mnist_captions $(DATA_FLAG)
+
+ALIGN_WORKDIR ?= workdir/fashion_mnist_align
+demo_align: data_align
+	$(PY) -m mrl_jax.main --config=configs/fashion_mnist_align.py --workdir=$(ALIGN_WORKDIR) $(CONFIG_DATA_FLAG) $(ARGS)
+
+demo_align_ff: data_align
+	$(PY) -m mrl_jax.main --config=configs/fashion_mnist_align.py:ff --workdir=$(ALIGN_WORKDIR)_ff $(CONFIG_DATA_FLAG) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -53,8 +53,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
 
   config.mrl = ml_collections.ConfigDict()
   config.mrl.mode = mode
-  config.mrl.nesting_dims = [8, 16, 32, 64]
-  config.mrl.weights = ml_collections.config_dict.placeholder(list)  # all 1
+  config.mrl.nesting_dims = (8, 16, 32, 64)
+  config.mrl.weights = ml_collections.config_dict.placeholder(tuple)  # all 1
   config.mrl.ff_dim = ml_collections.config_dict.placeholder(int)  # ff: = last dim
   config.mrl.label_smoothing = 0.1
 

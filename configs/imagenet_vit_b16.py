@@ -29,6 +29,6 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.model.variant = "B/16"
   config.model.representation_size = 768
   config.model.remat = False  # True frees activation memory on small chips
-  config.mrl.nesting_dims = [12, 24, 48, 96, 192, 384, 768]
+  config.mrl.nesting_dims = (12, 24, 48, 96, 192, 384, 768)
   config.num_epochs = 300
   return config

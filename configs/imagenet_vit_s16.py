@@ -62,8 +62,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
 
   config.mrl = ml_collections.ConfigDict()
   config.mrl.mode = mode
-  config.mrl.nesting_dims = [6, 12, 24, 48, 96, 192, 384]
-  config.mrl.weights = ml_collections.config_dict.placeholder(list)
+  config.mrl.nesting_dims = (6, 12, 24, 48, 96, 192, 384)
+  config.mrl.weights = ml_collections.config_dict.placeholder(tuple)
   config.mrl.ff_dim = ml_collections.config_dict.placeholder(int)
   config.mrl.label_smoothing = 0.0
 

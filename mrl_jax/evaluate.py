@@ -8,7 +8,9 @@ evaluator returns `{metric: {dim: value}}`; the merged result is written as
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -19,8 +21,11 @@ import numpy as np
 
 from mrl_jax import sharding
 from mrl_jax.data import input_pipeline
+from mrl_jax.evaluators import adaptive
+from mrl_jax.evaluators import baselines
 from mrl_jax.evaluators import classification
 from mrl_jax.evaluators import knn
+from mrl_jax.evaluators import quantize
 from mrl_jax.evaluators import retrieval
 from mrl_jax.evaluators import zeroshot
 
@@ -97,9 +102,32 @@ def embed_texts(config, task, state, mesh, texts: list[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # Evaluators: config.evals.<name> = dict(type=<one of EVALUATORS>, ...).
 # ----------------------------------------------------------------------------
+def check_head_labels(labels, num_classes: int, *, split: str = "eval",
+                      evaluator: str = "config.evals.<name>") -> None:
+  """Raises if eval labels fall outside [0, num_classes), the classes the heads predict.
+
+  The trained heads can never predict such a label, so linear / adaptive
+  top-1 would silently count those examples as errors. kNN-style evaluators
+  compare labels directly and work with any labels.
+  """
+  labels = np.asarray(labels)
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    values = np.unique(labels[bad])
+    shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+    raise ValueError(
+        f"The {split!r} split has {int(bad.sum())} examples with labels outside [0, "
+        f"{num_classes}) (labels {shown}), the classes the trained heads predict; "
+        f"{evaluator} would count them as errors. Fix: set --config.dataset.num_classes="
+        f"{int(labels.max()) + 1} (or more) and retrain, or remove {evaluator} and re-run "
+        "with --mode=eval: the knn, retrieval, funnel, quantized and baseline evaluators "
+        "compare labels directly and work with any labels.")
+
+
 def _linear(cfg, facts, splits) -> dict[str, dict[int, float]]:
-  del cfg
   ev = splits["eval"]
+  check_head_labels(ev["label"], ev["logits"].shape[-1], split=splits.get("eval_split", "eval"),
+                    evaluator=cfg.get("_field", "config.evals.<name>") + " (type 'linear')")
   acc = classification.LinearAccuracy(facts["head_dims"])
   acc.update(ev["logits"], ev["label"])
   return acc.result()
@@ -183,6 +211,235 @@ def _image_text(cfg, facts, splits) -> dict[str, dict[int, float]]:
       cfg.get("ks", zeroshot.DEFAULT_RECALL_KS))
 
 
+# ----------------------------------------------------------------------------
+# Adaptive classification, funnel retrieval, quantised kNN, post-hoc baselines.
+# These may return (metrics, sections): each section is a top-level entry of
+# results.json (e.g. results['adaptive']) for numbers not keyed by dim.
+# ----------------------------------------------------------------------------
+def _adaptive_seeds(cfg, name: str = "<name>") -> list[int]:
+  seeds = cfg.get("seeds", len(adaptive.DEFAULT_SEEDS))
+  field = f"config.evals.{name}.seeds"
+  if isinstance(seeds, bool):
+    seeds = None
+  elif isinstance(seeds, (int, np.integer)):
+    seeds = list(range(int(seeds))) if seeds >= 1 else None
+  else:
+    try:
+      seeds = [int(x) for x in seeds] or None
+    except (TypeError, ValueError):
+      seeds = None
+  if seeds is None:
+    raise ValueError(f"{field}={cfg.get('seeds')!r} must be a number of random holdout "
+                     "splits >= 1 (seeds 0..n-1) or a non-empty list of integer seeds, "
+                     "e.g. 5.")
+  return seeds
+
+
+def _adaptive_grid(cfg, name: str = "<name>"):
+  grid = cfg.get("grid", adaptive.DEFAULT_GRID)
+  field = f"config.evals.{name}.grid"
+  if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+    if grid >= 2:
+      return int(grid)
+  else:
+    try:
+      values = [float(v) for v in grid]
+    except (TypeError, ValueError):
+      values = []
+    if values and all(0 <= v <= 1 for v in values):
+      return values
+  raise ValueError(f"{field}={grid!r} must be an integer >= 2 (quantiles of the holdout "
+                   "confidences) or a non-empty list of thresholds in [0, 1].")
+
+
+def _adaptive(cfg, facts, splits):
+  """Confidence cascade over the head dims (`adaptive.adaptive_classification`).
+
+  Config: holdout=0.5 (fraction of the eval split the thresholds are searched
+  on), seeds=5 (or a list), grid=40, budgets (expected-dims budgets, default
+  the eval dims), tolerance=0.005. Section 'adaptive': the operating points
+  (accuracy vs expected dims), each head's own accuracy on the same test
+  parts, and the 'best' point (fewest dims within tolerance of the full dim).
+  """
+  ev = splits["eval"]
+  field = cfg.get("_field", "config.evals.<name>")
+  check_head_labels(ev["label"], ev["logits"].shape[-1], split=splits.get("eval_split", "eval"),
+                    evaluator=f"{field} (type 'adaptive')")
+  budgets = cfg.get("budgets")
+  out = adaptive.adaptive_classification(
+      ev["logits"], ev["label"], facts["head_dims"], holdout=cfg.get("holdout", 0.5),
+      seeds=_adaptive_seeds(cfg), grid=_adaptive_grid(cfg),
+      budgets=None if budgets is None else list(budgets),
+      tolerance=cfg.get("tolerance", adaptive.DEFAULT_TOLERANCE), field=f"{field}.holdout")
+  out["num_examples"] = int(len(ev["label"]))
+  return {}, {"adaptive": out}
+
+
+def default_funnels(nesting_dims, k: int = 10, first: int = 200) -> dict[str, list[list[int]]]:
+  """The paper's two funnels on these nesting dims.
+
+  'single': shortlist `first` rows at the smallest dim, re-rank at the full
+  dim. 'multi': shortlist `first` at the smallest dim, then re-rank at every
+  larger nesting dim keeping half as many rows each time (never fewer than
+  k), the full dim keeping k. The paper's funnel keeps 200 -> 100 -> 50 ->
+  25 -> 10 rows at 16 -> 32 -> 64 -> 128 -> 256 -> 2048 dims; on those dims
+  this rule gives the same except 12 rows (not 10) at 256. Sizes above the
+  database size mean the whole database.
+  """
+  dims = sorted(int(m) for m in nesting_dims)
+  funnels = {"single": [[dims[0], max(first, k)], [dims[-1], k]]}
+  if len(dims) > 2:
+    funnels["multi"] = ([[m, max(first >> i, k)] for i, m in enumerate(dims[:-1])]
+                        + [[dims[-1], k]])
+  return funnels
+
+
+def _funnel_ks(cfg) -> list[int]:
+  ks = cfg.get("ks", [10])
+  return list(ks) if isinstance(ks, (list, tuple)) else [ks]
+
+
+def _funnel_config(cfg, facts, num_db: int | None, name: str = "<name>"):
+  """(funnels {name: [(dim, size)]}, ks), checked against the embedding and database."""
+  field = f"config.evals.{name}"
+  d = int(facts["nesting_dims"][-1])
+  ks = retrieval.check_ks(_funnel_ks(cfg), num_db, field=f"{field}.ks")
+  funnels = cfg.get("funnels")
+  if funnels is None:
+    if len(facts["nesting_dims"]) < 2:
+      raise ValueError(f"{field}.type='funnel' re-ranks a shortlist from a small dim at "
+                       f"larger ones, but there is one nesting dim only "
+                       f"({list(facts['nesting_dims'])}). Set {field}.funnels explicitly "
+                       "or use nesting dims like [8, 16, 32, 64].")
+    funnels = default_funnels(facts["nesting_dims"], ks[-1])
+  if not hasattr(funnels, "items") or not funnels:
+    raise ValueError(f"{field}.funnels={funnels!r} must be a dict name -> stages, e.g. "
+                     "{'single': [(8, 200), (64, 10)]}.")
+  out = {}
+  for fname, stages in funnels.items():
+    if fname == "exact":
+      raise ValueError(f"{field}.funnels.exact: 'exact' names the reference full-dim "
+                       "search; rename this funnel.")
+    # Checks dims within [1, d], sizes >= 1 and non-increasing.
+    checked = adaptive._check_stages(  # pylint: disable=protected-access
+        stages, d, num_db or 2**62, f"{field}.funnels.{fname}")
+    if checked[-1][1] < ks[-1]:
+      raise ValueError(f"{field}.funnels.{fname}={_plain(stages)} keeps {checked[-1][1]} "
+                       f"rows at its last stage, fewer than max({field}.ks)={ks[-1]}. "
+                       f"Fix: a last shortlist >= {ks[-1]}.")
+    out[str(fname)] = checked  # shortlists capped at the database size
+  return out, ks
+
+
+def _funnel(cfg, facts, splits):
+  """Funnel retrieval vs exact full-dim search (`adaptive.funnel_metrics`).
+
+  Config: funnels {name: [(dim, shortlist), ...]} (default `default_funnels`),
+  ks=[10]. Queries = eval split, database = train split. Section 'funnel':
+  {name: {map@k, precision@k, recall@k, knn_top1, mflops_per_query,
+  flops_reduction_vs_exact, seconds, speedup_vs_exact, stages}} with the
+  reference search as 'exact'.
+  """
+  db, q = splits["train"], splits["eval"]
+  funnels, ks = _funnel_config(cfg, facts, len(db["label"]))
+  rows = adaptive.funnel_metrics(q["embedding"], q["label"], db["embedding"], db["label"],
+                                 funnels, ks, field=cfg.get("_field", "funnels") + ".funnels",
+                                 db_chunk=cfg.get("db_chunk"))
+  d = db["embedding"].shape[1]
+  for fname, row in rows.items():
+    row["stages"] = [[d, ks[-1]]] if fname == "exact" else [list(s) for s in funnels[fname]]
+  return {}, {"funnel": rows}
+
+
+def _quantized_kinds(cfg, name: str = "<name>") -> list[str]:
+  kinds = cfg.get("kinds", ["int8", "binary"])
+  kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+  bad = [k for k in kinds if k not in quantize.KINDS]
+  if not kinds or bad:
+    raise ValueError(f"config.evals.{name}.kinds={kinds!r} must be a non-empty list of "
+                     f"{list(quantize.KINDS)}, e.g. ['int8', 'binary'].")
+  return kinds
+
+
+def _quantized(cfg, facts, splits):
+  """knn_top1_<kind> (knn{k}_top1_<kind> for k > 1) with int8 / 1-bit prefixes.
+
+  Config: kinds=['int8', 'binary'], k=1. Section 'quantized':
+  {'bytes_per_vector': {kind: {dim: bytes}}} (float32 included for reference).
+  """
+  dims = knn.eval_dims(facts["nesting_dims"])
+  db, q = splits["train"], splits["eval"]
+  k = int(cfg.get("k", 1))
+  kinds = _quantized_kinds(cfg)
+  metrics = {}
+  for kind in kinds:
+    name = f"knn_top1_{kind}" if k == 1 else f"knn{k}_top1_{kind}"
+    metrics[name] = quantize.quantized_knn(q["embedding"], q["label"], db["embedding"],
+                                           db["label"], dims, kind, k=k)
+  sizes = {kind: quantize.bytes_per_vector(dims, kind)
+           for kind in ["float32"] + [k_ for k_ in kinds if k_ != "float32"]}
+  return metrics, {"quantized": {"bytes_per_vector": sizes}}
+
+
+_PROBES = ("linear", "knn")
+
+
+def _baseline_options(cfg, facts, name: str = "<name>"):
+  field = f"config.evals.{name}"
+  methods = cfg.get("methods", list(baselines.METHODS))
+  methods = [methods] if isinstance(methods, str) else list(methods)
+  if not methods or any(m not in baselines.METHODS for m in methods):
+    raise ValueError(f"{field}.methods={methods!r} must be a non-empty list of "
+                     f"{list(baselines.METHODS)}.")
+  probes = cfg.get("probes", list(_PROBES))
+  probes = [probes] if isinstance(probes, str) else list(probes)
+  if not probes or any(p not in _PROBES for p in probes):
+    raise ValueError(f"{field}.probes={probes!r} must be a non-empty list of {list(_PROBES)}.")
+  dims = cfg.get("dims") or list(facts["nesting_dims"])
+  d = int(facts["nesting_dims"][-1])
+  try:
+    dims = sorted({int(m) for m in dims})
+  except (TypeError, ValueError):
+    dims = []
+  if not dims or dims[0] < 1 or dims[-1] > d:
+    raise ValueError(f"{field}.dims={cfg.get('dims')!r} must be dims in [1, {d}] (the "
+                     "embedding size), e.g. the nesting dims (the default).")
+  return methods, probes, dims
+
+
+def _baseline(cfg, facts, splits):
+  """svd_/random_ x linear_/knn_top1: SVD (PCA) and random-feature projections
+  of *this* model's full embedding (`baselines.py`).
+
+  Config: methods=['svd', 'random'], probes=['linear', 'knn'], dims (default
+  the nesting dims), seed=0, center=True, steps=100, l2=1e-4. The MRL paper
+  applies them to the embedding of the full-dim FF model (`mrl.mode='ff'`);
+  `python -m mrl_jax.reproduce` runs this evaluator on that model.
+  """
+  methods, probes, dims = _baseline_options(cfg, facts)
+  train, ev = splits["train"], splits["eval"]
+  seed, center = int(cfg.get("seed", 0)), bool(cfg.get("center", True))
+  out = {}
+  for method in methods:
+    if "linear" in probes:
+      out[f"{method}_linear_top1"] = baselines.baseline_linear(
+          train, ev, dims, method, seed=seed, center=center,
+          steps=int(cfg.get("steps", 100)), l2=float(cfg.get("l2", 1e-4)))
+    if "knn" in probes:
+      out[f"{method}_knn_top1"] = baselines.baseline_knn(train, ev, dims, method, seed=seed,
+                                                         center=center)
+  return out
+
+
+def _plain(x):
+  """ConfigDict / tuple trees -> plain lists and dicts (for messages and JSON)."""
+  if hasattr(x, "items"):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
 EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     # type: (function, splits it needs)
     "linear": (_linear, ("eval",)),
@@ -191,47 +448,96 @@ EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     # Image-text models (dual encoders):
     "zeroshot": (_zeroshot, ("eval",)),            # class_names, templates
     "image_text": (_image_text, ("eval",)),        # num_images, ks=[1, 5, 10]
+    # Adaptive inference and baselines (MRL paper sections 4.2, 5, 4.1):
+    "adaptive": (_adaptive, ("eval",)),            # holdout=0.5, seeds=5 -> results['adaptive']
+    "funnel": (_funnel, ("eval", "train")),        # funnels={name: [(dim, K)]}, ks=[10] -> results['funnel']
+    "quantized": (_quantized, ("eval", "train")),  # kinds=['int8', 'binary'] -> knn_top1_<kind>
+    "baseline": (_baseline, ("eval", "train")),    # methods=['svd', 'random'] -> svd_linear_top1, ...
 }
 _NEEDS_TEXT_TOWER = ("zeroshot", "image_text")
+_NEEDS_HEADS = ("linear", "adaptive")  # read the trained classifier heads' logits
+_SECTIONS = ("adaptive", "funnel", "quantized")  # top-level results.json entries
 
 
 def check_evals(config, facts) -> int:
-  """Checks every config.evals.<name> before anything is embedded.
+  """Checks every config.evals.<name> before anything is embedded or trained.
 
   Returns the number of neighbours the kNN-based evaluators need (0: none).
   """
-  train_split = config.dataset.get("train_split")
-  num_db = getattr(facts.get("dataset"), "num_examples", {}).get(train_split)
+  dataset = config.get("dataset", {})
+  train_split, eval_split = dataset.get("train_split"), dataset.get("eval_split")
+  num_examples = getattr(facts.get("dataset"), "num_examples", None) or {}
+  num_db, num_eval = num_examples.get(train_split), num_examples.get(eval_split)
   need = 0
-  dual = config.model.name == "dual_encoder"
+  dual = config.get("model", {}).get("name") == "dual_encoder"
+  mode = config.get("mrl", {}).get("mode")
+  head_dims = list(facts.get("head_dims") or facts["nesting_dims"])
+  sections = {}
   for name, cfg in (config.get("evals", {}) or {}).items():
-    if cfg.get("type") not in EVALUATORS:
-      raise ValueError(f"config.evals.{name}.type={cfg.get('type')!r} is not one of "
+    kind = cfg.get("type")
+    if kind not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.type={kind!r} is not one of "
                        f"{sorted(EVALUATORS)}.")
-    if cfg["type"] in _NEEDS_TEXT_TOWER and not dual:
-      raise ValueError(f"config.evals.{name}.type={cfg['type']!r} needs a text tower "
+    if kind in _SECTIONS:
+      if kind in sections:
+        raise ValueError(f"config.evals.{sections[kind]} and config.evals.{name} both have "
+                         f"type {kind!r}, whose results go to one results[{kind!r}] "
+                         "section. Fix: keep one of them.")
+      sections[kind] = name
+    if kind in _NEEDS_TEXT_TOWER and not dual:
+      raise ValueError(f"config.evals.{name}.type={kind!r} needs a text tower "
                        "(config.model.name='dual_encoder').")
-    if cfg["type"] == "linear" and dual:
+    if kind in _NEEDS_HEADS and dual:
       raise ValueError(
-          f"config.evals.{name}.type='linear' reads the trained classifier heads; a "
+          f"config.evals.{name}.type={kind!r} reads the trained classifier heads; a "
           "dual encoder has none. Use 'zeroshot' (and 'knn') instead.")
-    if cfg["type"] == "zeroshot":
+    if kind == "zeroshot":
       zeroshot.prompts(["x"], _templates(cfg))  # bad templates fail now
       if facts.get("dataset") is not None:
         names = _class_names(cfg, facts)
-        num = config.dataset.get("num_classes")
+        num = dataset.get("num_classes")
         if num and len(names) != num:
           raise ValueError(
               f"config.evals.{name}.class_names has {len(names)} names but "
               f"config.dataset.num_classes={num}.")
-    if cfg["type"] == "image_text" and not config.dataset.get("text_key"):
+    if kind == "image_text" and not dataset.get("text_key"):
       raise ValueError(f"config.evals.{name}.type='image_text' needs captions: set "
                        "config.dataset.text_key.")
-    if cfg["type"] == "knn":
+    if kind == "knn":
       need = max(need, _knn_ks(cfg, num_db, name)[-1])
-    elif cfg["type"] == "retrieval":
+    elif kind == "retrieval":
       need = max(need, retrieval.check_ks(cfg.get("ks", retrieval.DEFAULT_KS), num_db,
                                           field=f"config.evals.{name}.ks")[-1])
+    elif kind == "adaptive":
+      if len(head_dims) < 2:
+        raise ValueError(
+            f"config.evals.{name}.type='adaptive' cascades over classifier heads at "
+            f"several dims, but config.mrl.mode={mode!r} has a head at {head_dims} only. "
+            f"Fix: use config.mrl.mode='mrl' or 'mrl_e', or remove config.evals.{name}.")
+      adaptive.check_holdout(num_eval, cfg.get("holdout", 0.5),
+                             f"config.evals.{name}.holdout")
+      _adaptive_seeds(cfg, name)
+      _adaptive_grid(cfg, name)
+      tolerance = cfg.get("tolerance", adaptive.DEFAULT_TOLERANCE)
+      if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(f"config.evals.{name}.tolerance={tolerance!r} must be an accuracy "
+                         "difference in [0, 1), e.g. 0.005 (half a point).")
+      budgets = cfg.get("budgets")
+      if budgets is not None and (not isinstance(budgets, (list, tuple)) or not budgets or any(
+          not isinstance(b, (int, float)) or b <= 0 for b in budgets)):
+        raise ValueError(f"config.evals.{name}.budgets={budgets!r} must be a non-empty list "
+                         "of positive expected-dims budgets, or None (the eval dims).")
+    elif kind == "funnel":
+      _funnel_config(cfg, facts, num_db, name)
+    elif kind == "quantized":
+      _quantized_kinds(cfg, name)
+      k = cfg.get("k", 1)
+      if (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
+          or (num_db is not None and k > num_db)):
+        raise ValueError(f"config.evals.{name}.k={k!r} must be an int in [1, "
+                         f"{num_db or 'the train split size'}], e.g. 1.")
+    elif kind == "baseline":
+      _baseline_options(cfg, facts, name)
   return need
 
 
@@ -243,10 +549,16 @@ def evaluate(config, facts, task, state, mesh, *, step: int,
   for cfg in evals.values():
     needed |= set(EVALUATORS[cfg["type"]][1])
   types = {cfg["type"] for cfg in evals.values()}
-  splits: dict[str, Any] = {}
+  splits: dict[str, Any] = {"eval_split": config.dataset.eval_split}
   if "eval" in needed:
     splits["eval"] = embed_split(config, task, state, mesh, config.dataset.eval_split,
                                  with_logits=True, with_text="image_text" in types)
+    # Labels the heads cannot predict fail here, before any other work.
+    for name, cfg in evals.items():
+      if cfg["type"] in _NEEDS_HEADS and "logits" in splits["eval"]:
+        check_head_labels(splits["eval"]["label"], splits["eval"]["logits"].shape[-1],
+                          split=config.dataset.eval_split,
+                          evaluator=f"config.evals.{name} (type {cfg['type']!r})")
   if "zeroshot" in types:
     splits["embed_texts"] = lambda texts: embed_texts(config, task, state, mesh, texts)
   if "train" in needed:
@@ -261,16 +573,23 @@ def evaluate(config, facts, task, state, mesh, *, step: int,
           f"lower config.evals.<name>.k / .ks to at most {num_db}.")
     splits["neighbours"] = {"k": num_neighbours}  # the search _neighbours shares
   metrics: dict[str, dict[str, float]] = {}
+  sections: dict[str, Any] = {}
   for name, cfg in evals.items():
     fn = EVALUATORS[cfg["type"]][0]
-    for metric, per_dim in fn(cfg, facts, splits).items():
+    t0 = time.perf_counter()
+    out = fn(dict(_plain(cfg), _field=f"config.evals.{name}"), facts, splits)
+    logging.info("config.evals.%s (%s): %.1f s", name, cfg["type"], time.perf_counter() - t0)
+    out, extra = out if isinstance(out, tuple) else (out, {})
+    for metric, per_dim in out.items():
       metrics[metric] = {str(d): float(v) for d, v in sorted(per_dim.items())}
+    sections.update(extra)
   results = {
       "step": int(step),
       "mode": config.mrl.mode,
       "nesting_dims": list(facts["nesting_dims"]),
       "eval_dims": knn.eval_dims(facts["nesting_dims"]),
       "metrics": metrics,
+      **json_safe(sections),
   }
   for metric, per_dim in metrics.items():
     logging.info("step %d %s: %s", step, metric,
@@ -278,6 +597,22 @@ def evaluate(config, facts, task, state, mesh, *, step: int,
   if outdir is not None and jax.process_index() == 0:
     write_outputs(results, epath.Path(outdir), title=config.get("name", ""))
   return results
+
+
+def json_safe(x):
+  """Plain JSON types: numpy scalars/arrays -> Python, dict keys -> str,
+  non-finite floats -> None (e.g. a cascade threshold of inf: no example stops there)."""
+  if hasattr(x, "items"):
+    return {str(k): json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [json_safe(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
 
 
 # ----------------------------------------------------------------------------
@@ -288,6 +623,9 @@ def write_outputs(results: dict[str, Any], outdir: epath.Path, title: str = ""):
   (outdir / "results.json").write_text(json.dumps(results, indent=2))
   (outdir / "report.md").write_text(report_markdown(results, title))
   plot_accuracy_vs_dim(results, outdir / "accuracy_vs_dim.png", title)
+  if results.get("adaptive"):
+    plot_adaptive(results["adaptive"], outdir / "adaptive.png",
+                  f"{title} adaptive classification".strip())
   logging.info("Wrote %s", outdir / "results.json")
 
 
@@ -315,7 +653,125 @@ def report_markdown(results: dict[str, Any], title: str = "") -> str:
               "relevant items retrieved (the MRL paper's \"corrected\" mAP@k); "
               "precision@k = relevant among the k nearest / k; recall@k = relevant "
               "among the k nearest / train examples with the query's label."]
+  if any(re.fullmatch(r"(svd|random)_(linear|knn)_top1", m) for m in metrics):
+    lines += ["", "svd_* / random_*: post-hoc baselines cut out of this model's full "
+              "embedding: PCA (top principal directions of the train embeddings) or a "
+              "random subset of coordinates, then a logistic-regression probe (linear) or "
+              "1-NN (knn). The MRL paper applies them to the full-dim FF model's "
+              "embedding (`python -m mrl_jax.reproduce` does)."]
+  if results.get("quantized"):
+    lines += [""] + quantized_markdown(results["quantized"])
+  if results.get("adaptive"):
+    lines += [""] + adaptive_markdown(results["adaptive"])
+  if results.get("funnel"):
+    lines += [""] + funnel_markdown(results["funnel"])
   return "\n".join(lines + [""])
+
+
+def _pm(mean, std, scale=100.0, digits=2) -> str:
+  if mean is None:
+    return "–"
+  return f"{scale * mean:.{digits}f} ± {scale * (std or 0.0):.{digits}f}"
+
+
+def adaptive_markdown(section: dict[str, Any], heading: str = "##") -> list[str]:
+  """The cascade's operating points as markdown lines (results['adaptive'])."""
+  dims = section["dims"]
+  per_dim = section["per_dim_accuracy"]
+  best = section["best"]
+  lines = [f"{heading} Adaptive classification (cascade)", "",
+           f"Each example is classified at the first head dim whose max softmax "
+           f"probability reaches that dim's threshold (else at {dims[-1]}). Thresholds are "
+           f"searched on a random {100 * section['holdout']:.0f}% of the eval split and "
+           f"measured on the rest; mean ± std over {len(section['seeds'])} random splits "
+           f"(seeds {section['seeds']}).", "",
+           "Each head alone on the same test parts:", "",
+           "| dim | " + " | ".join(str(m) for m in dims) + " |",
+           "|---|" + "---|" * len(dims),
+           "| top-1 (%) | " + " | ".join(f"{100 * per_dim[str(m)]:.2f}" for m in dims) + " |",
+           "", "| budget (dims) | expected dims | top-1 (%) |", "|---|---|---|"]
+  for p in section["points"]:
+    lines.append(f"| {p['budget']:g} | {p['expected_dims']:.1f} ± {p['expected_dims_std']:.1f}"
+                 f" | {_pm(p['accuracy'], p['accuracy_std'])} |")
+  lines += ["", f"Best (fewest expected dims whose holdout top-1 is within "
+            f"{100 * best['tolerance']:.1f} pt of the {dims[-1]}-dim head's): "
+            f"{best['expected_dims']:.1f} ± {best['expected_dims_std']:.1f} expected dims "
+            f"({best['expected_dims'] / dims[-1]:.1%} of {dims[-1]}), top-1 "
+            f"{_pm(best['accuracy'], best['accuracy_std'])} % vs "
+            f"{_pm(best['full_dim_accuracy'], best['full_dim_accuracy_std'])} % at "
+            f"{dims[-1]} dims. Thresholds per seed are in results.json (null = no example "
+            "stops at that dim)."]
+  return lines
+
+
+def funnel_markdown(section: dict[str, Any], heading: str = "##") -> list[str]:
+  """Funnel retrieval vs exact search as markdown lines (results['funnel'])."""
+  maps = sorted({k for row in section.values() for k in row if k.startswith("map@")},
+                key=lambda k: int(k.split("@")[1]))
+  lines = [f"{heading} Adaptive retrieval (funnel)", "",
+           "Queries = eval split, database = train split. A funnel searches the whole "
+           "database at its first dim for a shortlist, then re-ranks the shortlist at each "
+           "later dim (dim:rows kept). Cost = multiply-adds x 2 per query; time = one "
+           "search over all queries on this machine (after a warm-up run); 'exact' is the "
+           "full-dim search.", "",
+           "| search | stages | " + " | ".join(maps) + " | 1-NN | MFLOPs/query | FLOPs vs "
+           "exact | time (s) | speedup |",
+           "|---|---|" + "---|" * len(maps) + "---|---|---|---|---|"]
+  for name, row in section.items():
+    stages = " → ".join(f"{m}:{k}" for m, k in row["stages"])
+    cells = [f"{100 * row[m]:.2f}" for m in maps]
+    lines.append(f"| {name} | {stages} | " + " | ".join(cells)
+                 + f" | {100 * row['knn_top1']:.2f} | {row['mflops_per_query']:.3f} | "
+                 f"{row['flops_reduction_vs_exact']:.1f}x | {row['seconds']:.3f} | "
+                 f"{row['speedup_vs_exact']:.1f}x |")
+  return lines
+
+
+def quantized_markdown(section: dict[str, Any], heading: str = "##") -> list[str]:
+  """Bytes per database vector of each quantisation kind (results['quantized'])."""
+  sizes = section["bytes_per_vector"]
+  dims = sorted({int(m) for per in sizes.values() for m in per})
+  return [f"{heading} Quantised embeddings", "",
+          "knn_top1_<kind>: 1-NN with each prefix L2-normalised and then quantised: int8 = "
+          "symmetric per-coordinate scales from the database, 1-bit (binary) = signs "
+          "(Hamming ranking). Bytes per database vector:", "",
+          "| kind | " + " | ".join(str(m) for m in dims) + " |",
+          "|---|" + "---|" * len(dims)] + [
+              f"| {kind} | " + " | ".join(str(per.get(str(m), "–")) for m in dims) + " |"
+              for kind, per in sizes.items()] + [
+              "", "(int8 also stores one float32 scale per coordinate for the whole "
+              "database.)"]
+
+
+def plot_adaptive(section: dict[str, Any], path: epath.Path, title: str = ""):
+  """Cascade top-1 vs expected dims, with each head's fixed-dim top-1 for comparison."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  dims = section["dims"]
+  ax.plot(dims, [100 * section["per_dim_accuracy"][str(m)] for m in dims], marker="s",
+          linestyle="--", color="gray", label="fixed dim (one head)")
+  pts = sorted(section["points"], key=lambda p: p["expected_dims"])
+  if pts:
+    ax.errorbar([p["expected_dims"] for p in pts], [100 * p["accuracy"] for p in pts],
+                xerr=[p["expected_dims_std"] for p in pts],
+                yerr=[100 * p["accuracy_std"] for p in pts], marker="o", capsize=2,
+                label="adaptive (cascade)")
+  best = section["best"]
+  ax.plot([best["expected_dims"]], [100 * best["accuracy"]], marker="*", markersize=12,
+          linestyle="none", color="C3",
+          label=f"best: {best['expected_dims']:.1f} dims")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("expected dimensions per example")
+  ax.set_ylabel("top-1 (%)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
 
 
 def plot_accuracy_vs_dim(results: dict[str, Any], path: epath.Path, title: str = ""):

@@ -2,6 +2,12 @@ r"""Entry point: train (then evaluate), evaluate, or export embeddings.
 
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR --mode=eval
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR --mode=embed \
+      [--split=test] [--embed_dim=16] [--normalize] [--shard_size=1000000]
+
+--mode=embed writes DIR/embeddings/SPLIT/{embeddings.npy, labels.npy, meta.json}
+(see mrl_jax/export.py). The whole reproduction (MRL, MRL-E, FF at every
+dim, baselines, tables and plots) is `python -m mrl_jax.reproduce`.
 
 Any config field can be overridden: --config.batch_size=128. Re-running the
 same command in the same workdir resumes from the latest checkpoint.
@@ -21,9 +27,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
                                "(local path or gs://).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"],
                           "train: train (or resume) then evaluate; eval: evaluate the "
-                          "latest checkpoint.")
+                          "latest checkpoint; embed: write a split's embeddings and labels "
+                          "to WORKDIR/embeddings/SPLIT/.")
+_SPLIT = flags.DEFINE_string("split", None, "--mode=embed: the TFDS split to embed "
+                             "(default config.dataset.eval_split).")
+_EMBED_DIM = flags.DEFINE_integer("embed_dim", None, "--mode=embed: keep the first this many "
+                                  "features (default: the full embedding).")
+_NORMALIZE = flags.DEFINE_bool("normalize", False, "--mode=embed: L2-normalise each exported "
+                               "(truncated) embedding.")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 1_000_000, "--mode=embed: splits with more "
+                                   "examples are written as numbered shards of this many rows.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-host CPU/GPU runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -57,8 +72,12 @@ def main(argv):
   from mrl_jax import train  # pylint: disable=g-import-not-at-top
   if _MODE.value == "train":
     train.run(_CONFIG.value, _WORKDIR.value)
-  else:
+  elif _MODE.value == "eval":
     train.run_eval(_CONFIG.value, _WORKDIR.value)
+  else:
+    from mrl_jax import export  # pylint: disable=g-import-not-at-top
+    export.run_embed(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value, dim=_EMBED_DIM.value,
+                     normalize=_NORMALIZE.value, shard_size=_SHARD_SIZE.value)
 
 
 if __name__ == "__main__":

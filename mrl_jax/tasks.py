@@ -35,6 +35,12 @@ def is_contrastive(config) -> bool:
 
 def check_contrastive_config(config) -> None:
   """Rejects contrastive options that don't apply, before any compute."""
+  if not config.dataset.get("text_key"):
+    raise ValueError(
+        "config.model.name='dual_encoder' trains on image-text pairs, but "
+        f"config.dataset.text_key={config.dataset.get('text_key')!r}: set it to the "
+        "dataset's text feature (e.g. 'captions', or 'captions/text' for "
+        "coco_captions).")
   if config.mrl.mode == "mrl_e":
     raise ValueError(
         "config.mrl.mode='mrl_e' ties classifier weights across dims; a dual "

@@ -19,7 +19,7 @@ from mrl_jax import train
 def test_imagenet_config_smoke_on_mock_data(module, nesting, mock_imagenet_dir, tmp_path):
   config = module.get_config()
   config.dataset.data_dir = mock_imagenet_dir
-  assert config.mrl.nesting_dims == nesting
+  assert list(config.mrl.nesting_dims) == nesting
   assert config.dataset.name == "imagenet2012" and config.dataset.num_classes == 1000
   # Tiny overrides: a 2-layer, 32-wide ViT at 32 px, 2 steps. The embedding
   # size, nesting, heads, data spec and recipe are the config's own.

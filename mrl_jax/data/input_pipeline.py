@@ -201,10 +201,28 @@ def text_transform(config, source=None) -> preprocess.TextTransform | None:
 def load_tokenizer(config):
   """config.text.{vocab_path, max_len, lowercase} -> a WordPieceTokenizer."""
   from mrl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  key = (config.text.vocab_path, config.text.max_len, config.text.get('lowercase', True))
+  text = config.get('text') or {}
+  vocab_path = text.get('vocab_path')
+  if not vocab_path:
+    raise ValueError(
+        f'config.dataset.text_key={config.dataset.get("text_key")!r} needs'
+        ' config.text.vocab_path (a WordPiece vocab.txt) and'
+        ' config.text.max_len; see configs/fashion_mnist_align.py.'
+    )
+  max_len = text.get('max_len')
+  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+    raise ValueError(
+        f'config.text.max_len={max_len!r} must be an int >= 2 (tokens per'
+        ' text, [CLS] and [SEP] included), e.g. --config.text.max_len=64.'
+    )
+  key = (vocab_path, max_len, text.get('lowercase', True))
   if key not in _TOKENIZERS:
-    _TOKENIZERS[key] = tokenizer_lib.WordPieceTokenizer(
-        config.text.vocab_path, lowercase=key[2], max_len=key[1])
+    try:
+      _TOKENIZERS[key] = tokenizer_lib.WordPieceTokenizer(
+          vocab_path, lowercase=key[2], max_len=max_len)
+    except (FileNotFoundError, ValueError) as e:
+      # The tokenizer names the file; say which config field holds it.
+      raise type(e)(f'config.text.vocab_path={vocab_path!r}: {e}') from None
   return _TOKENIZERS[key]
 
 

@@ -36,6 +36,7 @@ is O(K) per stage, and the top-k selection are not counted).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import math
 import time
 
 import numpy as np
@@ -190,14 +191,33 @@ def _pick(path, budget=None, tolerance=None):
   return min(ok, key=lambda p: (p["expected_dims"], -p["accuracy"]))
 
 
-def _split(n: int, holdout: float, seed: int, field: str):
-  n_hold = int(round(holdout * n)) if 0 < holdout < 1 else (0 if holdout <= 0 else n)
+def check_holdout(n: int | None, holdout, field: str = "holdout") -> int:
+  """Examples of n the threshold search gets; both parts must be non-empty.
+
+  n=None (split size unknown) checks only that holdout is a fraction in (0, 1).
+  """
+  try:
+    frac = float(holdout)
+  except (TypeError, ValueError):
+    frac = math.nan
+  if not 0 < frac < 1:  # NaN fails too
+    raise ValueError(f"{field}={holdout!r} must be a fraction in (0, 1): the part of the "
+                     "eval split the thresholds are searched on (the rest measures "
+                     "them). Fix: e.g. 0.5.")
+  if n is None:
+    return 0
+  n_hold = int(round(frac * n))
   if n_hold < 1 or n_hold > n - 1:
     raise ValueError(
         f"{field}={holdout!r} leaves {n_hold} of the {n} eval examples for the "
         f"threshold search and {n - n_hold} to test on; both parts must be non-empty. "
         f"Fix: set {field} to a fraction in (0, 1) with 1 <= round(holdout * {n}) "
         f"<= {n - 1}, e.g. 0.5.")
+  return n_hold
+
+
+def _split(n: int, holdout: float, seed: int, field: str):
+  n_hold = check_holdout(n, holdout, field)
   perm = np.random.default_rng(seed).permutation(n)
   return perm[:n_hold], perm[n_hold:]
 

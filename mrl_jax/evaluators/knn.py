@@ -315,10 +315,13 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   n_pad = max(1, -(-n // db_chunk)) * db_chunk
   search = _sharded_search(mesh, dims=dims, k=k, db_chunk=db_chunk,
                            query_chunk=query_chunk)
-  scores, indices = search(
-      _to_global(pad_to(queries, per_shard * shards), mesh, P(mesh.axis_names)),
-      _to_global(pad_to(database, n_pad), mesh, P()),
-      _to_global(pad_to(db_mask, n_pad), mesh, P()))
+  # Under our own mesh: a caller's context mesh (the trainer's, during a
+  # periodic or --mode=eval evaluation) would clash with the shard_map's.
+  with jax.set_mesh(mesh):
+    scores, indices = search(
+        _to_global(pad_to(queries, per_shard * shards), mesh, P(mesh.axis_names)),
+        _to_global(pad_to(database, n_pad), mesh, P()),
+        _to_global(pad_to(db_mask, n_pad), mesh, P()))
   return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
 
 

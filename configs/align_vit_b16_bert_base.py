@@ -1,0 +1,126 @@
+r"""MRL ALIGN: ViT-B/16 image tower + BERT-Base text tower, paper scale.
+
+The MRL paper's ALIGN experiment: a dual encoder with d = 768 and the
+nesting {12, 24, 48, 96, 192, 384, 768} on both towers, trained with the
+softmax contrastive loss of every prefix over the whole pod's batch.
+
+Data: any TFDS image-text dataset with an image and a text feature (a string
+or a sequence of captions; one caption is drawn per example each epoch).
+The default is `coco_captions` (`captions/text`, 5 captions per image; place
+the COCO 2014 zips in DATA_DIR/downloads/manual/ or let TFDS download them):
+
+  python -m mrl_jax.data.prepare --dataset=coco_captions --data_dir=DATA_DIR
+
+For web-scale alt-text data (ALIGN's 1.8B pairs, LAION, CC12M) build a TFDS
+array_record dataset with `image` and `text` features and pass
+--config.dataset.name=NAME --config.dataset.text_key=text.
+
+Text: BERT's uncased WordPiece vocabulary (`vocab.txt` of Google's BERT-Base
+uncased checkpoint, e.g. gs://cloud-tpu-checkpoints/bert/v3/uncased_L-12_H-768_A-12/vocab.txt,
+or HuggingFace bert-base-uncased), max 64 tokens.
+
+Train on every host of a Cloud TPU VM pod (or a GPU host):
+
+  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="\
+    cd mrl_jax && python -m mrl_jax.main --config=configs/align_vit_b16_bert_base.py \
+    --config.dataset.data_dir=gs://$BUCKET/tfds \
+    --config.text.vocab_path=gs://$BUCKET/bert/vocab.txt \
+    --workdir=gs://$BUCKET/align_b16_mrl"
+
+Recipe (ALIGN, Jia et al. 2021, scaled to ViT-B/16 + BERT-Base as in the
+MRL paper): LAMB, lr 1e-3 with 10k warmup steps and linear decay, weight
+decay 1e-5, learnable temperature from τ = 1, batch 16384 split over the
+pod's chips (the contrastive loss sees the whole global batch), bfloat16
+compute, 224 px Inception crop. The paper trains on ALIGN's 1.8B pairs; on
+COCO alone (~83k train images) expect far weaker numbers.
+
+Evaluation at every dim: image->text and text->image recall@1/5/10 on the
+first 5k eval images (the COCO 5k protocol on the `val` split).
+
+Variants: `:ff` (fixed-feature baseline: loss on the full 768 dims only),
+`:sigmoid` (SigLIP loss, t' = log 10, b = -10).
+"""
+import ml_collections
+
+
+def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
+  args = set(filter(None, arg.split(",")))
+  mode = "ff" if "ff" in args else "mrl"
+  kind = "sigmoid" if "sigmoid" in args else "softmax"
+
+  config = ml_collections.ConfigDict()
+  config.name = f"align_vit_b16_bert_base_{mode}_{kind}"
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "coco_captions"
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "val"
+  config.dataset.image_key = "image"
+  config.dataset.label_key = None  # image-text pairs, no class labels
+  config.dataset.text_key = "captions/text"
+  config.dataset.num_classes = ml_collections.config_dict.placeholder(int)
+
+  config.text = ml_collections.ConfigDict()
+  config.text.vocab_path = ml_collections.config_dict.placeholder(str)  # BERT vocab.txt
+  config.text.max_len = 64
+  config.text.lowercase = True
+  config.text.eval_captions = 5
+
+  config.input = ml_collections.ConfigDict()
+  config.input.image_size = 224
+  config.input.augment = "inception_crop"
+  config.input.worker_count = 16
+  config.input.read_threads = 8
+  config.input.cache = False
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "dual_encoder"
+  config.model.image = ml_collections.ConfigDict(dict(
+      name="vit", variant="B/16", pool_type="gap", posemb="sincos2d",
+      remat=False, scan_layers=False))
+  config.model.text = ml_collections.ConfigDict(dict(
+      variant="B", pool_type="cls", remat=False, scan_layers=False))
+  config.model.representation_size = 768
+  config.model.dtype = "bfloat16"
+
+  config.mrl = ml_collections.ConfigDict()
+  config.mrl.mode = mode
+  config.mrl.nesting_dims = (12, 24, 48, 96, 192, 384, 768)
+  config.mrl.weights = ml_collections.config_dict.placeholder(tuple)
+  config.mrl.ff_dim = ml_collections.config_dict.placeholder(int)
+
+  config.contrastive = ml_collections.ConfigDict()
+  config.contrastive.kind = kind
+  config.contrastive.temperature = ml_collections.config_dict.placeholder(float)
+  config.contrastive.learn_temperature = True
+  config.contrastive.bias = ml_collections.config_dict.placeholder(float)
+  config.contrastive.per_prefix = False
+  config.contrastive.max_scale = 100.0 if kind == "softmax" else None
+  config.contrastive.label_smoothing = 0.0
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "lamb"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.weight_decay = 1e-5
+  config.optimizer.schedule = "linear"
+  config.optimizer.warmup_steps = 10_000
+  config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+
+  config.batch_size = 16384
+  config.eval_batch_size = 1024
+  config.grad_accum_steps = 1
+  config.num_epochs = -1
+  config.num_train_steps = 200_000
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  config.sharding_rules = []
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 10_000
+
+  config.evals = ml_collections.ConfigDict()
+  config.evals.image_text = dict(type="image_text", num_images=5000, ks=[1, 5, 10])
+  return config
