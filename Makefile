@@ -15,7 +15,7 @@ CONFIG_DATA_FLAG := $(if $(DATA_DIR),--config.dataset.data_dir=$(DATA_DIR),)
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: install data data_align demo demo_align demo_align_ff test clean
+.PHONY: install data data_align demo demo_align demo_align_ff reproduce test clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ demo_align: data_align
 
 demo_align_ff: data_align
 	$(PY) -m mrl_jax.main --config=configs/fashion_mnist_align.py:ff --workdir=$(ALIGN_WORKDIR)_ff $(CONFIG_DATA_FLAG) $(ARGS)
+
+# The paper's comparisons (MRL, MRL-E, FF at every dim, SVD, random features,
+# adaptive classification, funnel retrieval) on $(CONFIG); see docs/results/.
+REPRO_WORKDIR ?= workdir/reproduce
+reproduce: data
+	$(PY) -m mrl_jax.reproduce --config=$(CONFIG) --workdir=$(REPRO_WORKDIR) $(CONFIG_DATA_FLAG) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

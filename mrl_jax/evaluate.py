@@ -59,9 +59,8 @@ def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
     return task.embed_texts(params, rest, ids.reshape(b * k, length)).reshape(b, k, -1)
 
   outs = {"embedding": [], "label": [], "logits": [], "text_embedding": [], "text_mask": []}
-  for batch in input_pipeline.create_eval_iterator(config, split, batch_size):
-    if not with_text:
-      batch = {k: v for k, v in batch.items() if k not in ("text", "text_mask")}
+  for batch in input_pipeline.create_eval_iterator(config, split, batch_size,
+                                                   with_text=with_text):
     # The mask travels with the batch: gathered rows stay aligned with it.
     g = input_pipeline.make_global_batch(batch, batch_sharding)
     logits, emb = forward(state["params"], state["rest"], g["image"])
@@ -455,6 +454,8 @@ EVALUATORS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "baseline": (_baseline, ("eval", "train")),    # methods=['svd', 'random'] -> svd_linear_top1, ...
 }
 _NEEDS_TEXT_TOWER = ("zeroshot", "image_text")
+# Evaluators that compare predictions or neighbours with class labels.
+_NEEDS_LABELS = ("linear", "knn", "retrieval", "zeroshot", "adaptive", "quantized", "baseline")
 _NEEDS_HEADS = ("linear", "adaptive")  # read the trained classifier heads' logits
 _SECTIONS = ("adaptive", "funnel", "quantized")  # top-level results.json entries
 
@@ -491,15 +492,22 @@ def check_evals(config, facts) -> int:
       raise ValueError(
           f"config.evals.{name}.type={kind!r} reads the trained classifier heads; a "
           "dual encoder has none. Use 'zeroshot' (and 'knn') instead.")
+    if kind in _NEEDS_LABELS and "label_key" in dataset and not dataset.get("label_key"):
+      raise ValueError(
+          f"config.evals.{name}.type={kind!r} scores predictions against class labels, "
+          "but config.dataset.label_key is None (unlabelled data). Fix: set "
+          f"config.dataset.label_key, or remove config.evals.{name} (image-text data "
+          "without labels: use type='image_text').")
     if kind == "zeroshot":
       zeroshot.prompts(["x"], _templates(cfg))  # bad templates fail now
       if facts.get("dataset") is not None:
         names = _class_names(cfg, facts)
-        num = dataset.get("num_classes")
+        num = dataset.get("num_classes") or getattr(facts["dataset"], "num_classes", None)
         if num and len(names) != num:
           raise ValueError(
-              f"config.evals.{name}.class_names has {len(names)} names but "
-              f"config.dataset.num_classes={num}.")
+              f"config.evals.{name}.class_names has {len(names)} names but the "
+              f"dataset has {num} classes (config.dataset.num_classes / its label "
+              "feature); give one name per class, in label order.")
     if kind == "image_text" and not dataset.get("text_key"):
       raise ValueError(f"config.evals.{name}.type='image_text' needs captions: set "
                        "config.dataset.text_key.")

@@ -58,6 +58,18 @@ def test_train_writes_results_at_every_dim(fake_dataset_dir, tmp_path):
   again = train.run(config, str(tmp_path))
   assert again["step"] == 6
   assert again["metrics"] == results["metrics"]
+  # --mode=eval runs the same evaluators (kNN included) inside the trainer's
+  # mesh context and gives the same numbers.
+  evaluated = train.run_eval(config, str(tmp_path))
+  assert evaluated["step"] == 6
+  assert evaluated["metrics"] == results["metrics"]
+
+
+def test_periodic_eval_inside_the_loop(fake_dataset_dir, tmp_path):
+  # Evaluations during training run under the trainer's mesh (kNN has its own).
+  config = small_config(fake_dataset_dir, eval_every_steps=3, num_train_steps=4)
+  results = train.run(config, str(tmp_path))
+  assert results["step"] == 4 and {"linear_top1", "knn_top1"} <= set(results["metrics"])
 
 
 class _Interrupt(Exception):

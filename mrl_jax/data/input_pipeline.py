@@ -515,6 +515,7 @@ def create_eval_iterator(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_text: bool = True,
 ) -> EvalBatches:
   """Deterministic, unaugmented, padded batches of this process's slice.
 
@@ -525,10 +526,13 @@ def create_eval_iterator(
       process_count rows.
     process_index: defaults to `jax.process_index()`.
     process_count: defaults to `jax.process_count()`.
+    with_text: for image-text data (config.dataset.text_key), also tokenize
+      the first config.text.eval_captions captions of each example.
 
   Returns:
     An iterable of {'image': float32 [b, H, W, C], 'label': int32 [b],
-    'mask': int32 [b]} (mask 1 = real example, 0 = padding); `len()` is the
+    'mask': int32 [b]} (mask 1 = real example, 0 = padding), plus 'text'
+    int32 [b, K, L] and 'text_mask' int32 [b, K] with text; `len()` is the
     number of batches, the same on every process.
   """
   index, count = _process_index_and_count(process_index, process_count)
@@ -551,7 +555,7 @@ def create_eval_iterator(
       start=start,
       stop=stop,
       worker_count=config.input.get('worker_count', 0),
-      text=text_transform(config, source),
+      text=text_transform(config, source) if with_text else None,
       captions_per_example=config.get('text', {}).get('eval_captions', 5),
   )
 
