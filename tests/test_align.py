@@ -541,7 +541,7 @@ def _check(config):
     ({"contrastive.kind": "hinge"}, ValueError, r"config\.contrastive\.kind='hinge'"),
     ({"evals.linear": {"type": "linear"}}, ValueError, r"config\.evals\.linear\.type='linear'"),
     ({"evals.zeroshot.class_names": ["cat", "dog", "car"]}, ValueError,
-     r"config\.evals\.zeroshot\.class_names has 3 names but config\.dataset\.num_classes=4"),
+     r"config\.evals\.zeroshot\.class_names has 3 names but the dataset has 4 classes"),
     ({"evals.zeroshot.templates": ["a photo"]}, ValueError, r"Zero-shot template 'a photo'"),
     ({"model.text.variant": "XXL"}, ValueError, r"config\.model\.text\.variant='XXL'"),
     ({"model.text.pool_type": "max"}, ValueError, r"config\.model\.text\.pool_type='max'"),
