@@ -16,11 +16,16 @@ and prints each time and its ratio to `full`. Timings are medians over
 --reps runs after one warm-up run; the three variants are run in turn within
 each rep, so load from other processes hits them alike.
 
-Measured on a shared 2-core AMD EPYC VM (CPU, float32): chunked / full about
-1.7 at B = 1024 and 1.4-1.6 at B = 4096, both kinds; naive / full about 2.9.
-The chunked matmuls themselves cost about what the full one does; the excess
-is the per-prefix B x B elementwise work (normalisation, log-sum-exp or
-softplus, and their gradients), roughly 0.1 of the full loss per prefix.
+Measured on a shared 2-core AMD EPYC VM (CPU, float32) while another long
+job loaded it, so single figures move by ~10%: chunked / full about 1.5 at
+B = 1024 (softmax 1.50, sigmoid 1.54) and 1.4-1.5 at B = 4096 (softmax 1.41,
+sigmoid 1.48); naive / full about 2.7. Before the hand-written loss
+gradients (custom_vjp, one exp per logit), the same runs gave chunked / full
+1.76 / 1.66 at B = 1024 and 1.69 / 1.68 at B = 4096. The chunked matmuls
+cost about what the full one does; the excess is the per-prefix B x B
+elementwise work (exp, log-sum-exp sums or softplus, the cotangent of the
+dots and the row / column sums for the norm gradients), roughly 0.07 of
+the full loss per prefix.
 """
 import statistics
 import time
