@@ -531,4 +531,5 @@ def main(argv, flag_values=None):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  # main returns the summary for callers; absl would pass it to sys.exit.
+  app.run(lambda argv: main(argv) and None)
