@@ -35,7 +35,9 @@ compute, 224 px Inception crop. The paper trains on ALIGN's 1.8B pairs; on
 COCO alone (~83k train images) expect far weaker numbers.
 
 Evaluation at every dim: image->text and text->image recall@1/5/10 on the
-first 5k eval images (the COCO 5k protocol on the `val` split).
+first 5k images of `val` and their 5 captions each. (The usual COCO 5k test
+set is Karpathy's split of val2014, which TFDS does not provide; for it,
+prepare a dataset of those images and set --config.dataset.eval_split.)
 
 Variants: `:ff` (fixed-feature baseline: loss on the full 768 dims only),
 `:sigmoid` (SigLIP loss, t' = log 10, b = -10).
