@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from mrl_jax import evaluate
+from mrl_jax import report
 
 DEFAULT_SHARD_SIZE = 1_000_000
 _NORM_EPS = 1e-12
@@ -117,7 +118,7 @@ def write_embeddings(outdir: epath.PathLike, embeddings: np.ndarray, labels: np.
       _save(outdir / entry["labels"], labels[rows])
     files.append(entry)
   meta = dict(meta, num_examples=n, num_shards=num_shards, files=files)
-  (outdir / "meta.json").write_text(json.dumps(evaluate.json_safe(meta), indent=2))
+  (outdir / "meta.json").write_text(json.dumps(report.json_safe(meta), indent=2))
   return meta
 
 

@@ -36,7 +36,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from mrl_jax import evaluate
+from mrl_jax import report
 from mrl_jax import sharding
 from mrl_jax import train
 
@@ -268,7 +268,7 @@ def summarize(config, runs, *, hardware=None, total_seconds=None) -> dict[str, A
       "total_wall_seconds": total_seconds,
   }
   summary["claims"] = check_claims(summary)
-  return evaluate.json_safe(summary)
+  return report.json_safe(summary)
 
 
 def _pt(x) -> str:
@@ -390,11 +390,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
     for metric, per_dim in q["metrics"].items():
       lines.append(f"| {names.get(metric, metric)} | " + " | ".join(
           f"{100 * per_dim[str(m)]:.2f}" if str(m) in per_dim else "–" for m in qd) + " |")
-    lines += [""] + evaluate.quantized_markdown(q, heading="###")[2:] + [""]
+    lines += [""] + report.quantized_markdown(q, heading="###")[2:] + [""]
   if summary.get("adaptive"):
-    lines += evaluate.adaptive_markdown(summary["adaptive"]) + [""]
+    lines += report.adaptive_markdown(summary["adaptive"]) + [""]
   if summary.get("funnel"):
-    lines += evaluate.funnel_markdown(summary["funnel"]) + [""]
+    lines += report.funnel_markdown(summary["funnel"]) + [""]
   lines += ["## Paper claims, checked on these numbers", ""]
   for c in summary["claims"]:
     verdict = {True: "HOLDS", False: "DOES NOT HOLD", None: "NOT MEASURED"}[c["holds"]]
@@ -415,31 +415,18 @@ def report_markdown(summary: dict[str, Any]) -> str:
 
 
 def _plot_table(table, path: epath.Path, ylabel: str, title: str):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  fig, ax = report.new_axes()
   for name, per_dim in table.items():
     pts = sorted((int(m), v) for m, v in per_dim.items() if v is not None)
     ax.plot([m for m, _ in pts], [100 * v for _, v in pts], marker="o", label=name)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("representation size")
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  if table:
-    ax.legend()
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
+  report.save_plot(fig, ax, path, title, legend=bool(table))
 
 
 def _plot_funnel(funnel, path: epath.Path, title: str):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  fig, ax = report.new_axes()
   for i, (name, r) in enumerate(funnel.items()):
     ax.plot([r["mflops_per_query"]], [100 * r["map@10"]], marker="o" if name != "exact" else "s",
             linestyle="none", color=f"C{i}",
@@ -447,13 +434,7 @@ def _plot_funnel(funnel, path: epath.Path, title: str):
   ax.set_xscale("log")
   ax.set_xlabel("MFLOPs per query")
   ax.set_ylabel("mAP@10 (%)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, format="png")
-  plt.close(fig)
+  report.save_plot(fig, ax, path, title)
 
 
 def write_outputs(summary: dict[str, Any], workdir: epath.Path):
@@ -467,7 +448,7 @@ def write_outputs(summary: dict[str, Any], workdir: epath.Path):
   for metric, (fname, ylabel) in plots.items():
     _plot_table(summary["tables"].get(metric, {}), workdir / fname, ylabel, f"{name}: {ylabel}")
   if summary.get("adaptive"):
-    evaluate.plot_adaptive(summary["adaptive"], workdir / "adaptive.png",
+    report.plot_adaptive(summary["adaptive"], workdir / "adaptive.png",
                            f"{name}: adaptive classification (MRL)")
   if summary.get("funnel"):
     _plot_funnel(summary["funnel"], workdir / "funnel.png", f"{name}: funnel retrieval (MRL)")

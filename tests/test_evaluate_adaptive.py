@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import evaluate
+from mrl_jax import report as report_lib
 from mrl_jax import train
 from mrl_jax.evaluators import adaptive
 from mrl_jax.evaluators import retrieval
@@ -218,7 +219,7 @@ def test_bad_adaptive_holdout_fails_before_training(fake_dataset_dir, tmp_path):
 
 
 def test_json_safe():
-  out = evaluate.json_safe({1: np.float32(0.5), "t": [np.inf, -np.inf, np.nan, 0.25],
+  out = report_lib.json_safe({1: np.float32(0.5), "t": [np.inf, -np.inf, np.nan, 0.25],
                             "a": np.arange(2), "b": np.bool_(True), "s": (np.int64(3), "x")})
   assert out == {"1": 0.5, "t": [None, None, None, 0.25], "a": [0, 1], "b": True,
                  "s": [3, "x"]}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mrl_jax import evaluate
+from mrl_jax import report as report_lib
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import retrieval
 
@@ -272,11 +273,11 @@ def test_config_errors_name_the_field():
 def test_report_explains_corrected_map():
   results = {"step": 3, "mode": "mrl", "nesting_dims": [8, 16],
              "metrics": {"knn_top1": {"8": 0.5, "12": 0.6, "16": 0.7}}}
-  plain = evaluate.report_markdown(results)
+  plain = report_lib.report_markdown(results)
   assert "corrected" not in plain and "majority" not in plain
   results["metrics"].update({"knn5_top1": {"8": 0.5}, "map@10": {"8": 0.25, "16": 0.5},
                              "recall@10": {"8": 0.01}})
-  report = evaluate.report_markdown(results)
+  report = report_lib.report_markdown(results)
   assert "normalised by k" in report and '"corrected" mAP@k' in report
   assert "majority vote" in report
   assert "| map@10 | 25.00 | – | 50.00 |" in report
