@@ -509,8 +509,13 @@ def main(argv, flag_values=None):
   return summary
 
 
+def _cli(argv) -> None:
+  # main returns the summary for callers; absl would pass it to sys.exit
+  # (printing it and exiting 1), so the command line drops it.
+  main(argv)
+
+
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  # main returns the summary for callers; absl would pass it to sys.exit.
-  app.run(lambda argv: main(argv) and None)
+  app.run(_cli)
