@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from configs import imagenet_vit_s16  # noqa: E402
 from mrl_jax import matryoshka  # noqa: E402
 from mrl_jax import sharding  # noqa: E402
+from mrl_jax import tasks  # noqa: E402
 from mrl_jax import train  # noqa: E402
 
 _VARIANT = flags.DEFINE_string("variant", "Ti/16", "ViT variant.")
@@ -62,7 +63,7 @@ def _setup(config, devices):
   facts = dict(nesting_dims=nesting, weights=weights, ff_dim=nesting[-1],
                head_dims=matryoshka.head_dims("mrl", nesting, nesting[-1]),
                dataset=_Dataset())
-  task = train.Task(config, facts)
+  task = tasks.get_task(config, facts)
   tx = train.build_optimizer(config, 1000)
   init_fn = lambda: task.init_state(tx)
   abstract, shardings = train._abstract_state(init_fn, mesh)

@@ -141,10 +141,6 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   return opt
 
 
-# The task (model + loss): `tasks.get_task(config, facts)`.
-Task = tasks.get_task  # (config, facts) -> the task; kept for callers of train.Task
-
-
 def make_train_step(config, facts, task, tx: optax.GradientTransformation,
                     mesh, state_sharding):
   """The jitted update `(state, batch) -> (state, metrics)`, state donated.

@@ -5,6 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mrl_jax import sharding
+from mrl_jax import tasks
 from mrl_jax import train
 from tests.test_train import small_config
 
@@ -53,7 +54,7 @@ def _losses(data_dir, mesh, devices=None, steps=20):
   config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh))
   mesh = sharding.create_mesh(config.mesh, devices)
   facts = train.check_config(config, mesh)
-  task = train.Task(config, facts)
+  task = tasks.get_task(config, facts)
   tx = train.build_optimizer(config, steps)
   init_fn = lambda: task.init_state(tx)
   _, shardings = train._abstract_state(init_fn, mesh)
@@ -86,7 +87,7 @@ def test_fsdp_stores_each_parameter_once_across_devices(fake_dataset_dir):
   config.mesh = dict(data=1, fsdp=8, tensor=1)
   mesh = sharding.create_mesh(config.mesh)
   facts = train.check_config(config, mesh)
-  task = train.Task(config, facts)
+  task = tasks.get_task(config, facts)
   init_fn = lambda: task.init_state(train.build_optimizer(config, 10))
   _, shardings = train._abstract_state(init_fn, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)()

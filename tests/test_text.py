@@ -8,6 +8,7 @@ import pytest
 from mrl_jax import sharding
 from mrl_jax.data import tokenizer
 from mrl_jax.models import text
+from mrl_jax.models import vit
 
 # ----------------------------------------------------------------------------
 # Tokenizer.
@@ -157,8 +158,8 @@ def test_shapes_and_padding_invariance(pool_type):
 
 
 def test_block_ignores_the_content_of_padded_positions():
-  block = text.EncoderBlock(32, 64, 2, dropout=0.0, dtype=jnp.float32,
-                            param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block = vit.Encoder1DBlock(32, 64, 2, dropout=0.0, dtype=jnp.float32,
+                              param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   mask = IDS != 0
   x = jax.random.normal(jax.random.key(0), (3, 8, 32))
   noise = jax.random.normal(jax.random.key(1), x.shape) * 10

@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mrl_jax import tasks
 from mrl_jax import train
 from tests import tiny_config
 
@@ -204,7 +205,7 @@ def test_restore_onto_another_mesh_is_exact(fake_dataset_dir, tmp_path):
   config.mesh = dict(data=2, fsdp=4, tensor=1)
   mesh = train.sharding.create_mesh(config.mesh)
   facts = train.check_config(config, mesh)
-  task = train.Task(config, facts)
+  task = tasks.get_task(config, facts)
   init_fn = lambda: task.init_state(train.build_optimizer(config, 3))
   abstract, _ = train._abstract_state(init_fn, mesh)
   ckpt = train.checkpoint_lib.Checkpointer(tmp_path / "checkpoints")

@@ -180,22 +180,21 @@ def _preprocess_options(config, source) -> dict[str, Any]:
   )
 
 
-def text_transform(config, source=None) -> preprocess.TextTransform | None:
+def text_transform(config, source) -> preprocess.TextTransform | None:
   """The tokenizer step for image-text data (config.dataset.text_key set)."""
   text_key = config.dataset.get('text_key')
   if not text_key:
     return None
-  if source is not None:
-    features = source.dataset_info.features
-    try:
-      preprocess.top_level_key(text_key, features.keys())
-    except KeyError:
-      raise ValueError(
-          f'config.dataset.text_key={text_key!r} is not a feature of'
-          f' {config.dataset.name}; available keys: {sorted(features.keys())}.'
-      ) from None
+  features = source.dataset_info.features
+  try:
+    top_key = preprocess.top_level_key(text_key, features.keys())
+  except KeyError:
+    raise ValueError(
+        f'config.dataset.text_key={text_key!r} is not a feature of'
+        f' {config.dataset.name}; available keys: {sorted(features.keys())}.'
+    ) from None
   return preprocess.TextTransform(
-      text_key=text_key, tokenizer=load_tokenizer(config))
+      text_key=text_key, top_key=top_key, tokenizer=load_tokenizer(config))
 
 
 def load_tokenizer(config):
@@ -355,14 +354,13 @@ class _ReadAndAugment(grain.transforms.RandomMap):
     self.batched = batched
     self.rows = rows
     self.text = text
-    self.text_top = None if text is None else preprocess.top_level_key(
-        text.text_key, source.dataset_info.features.keys())
 
   def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
     total = len(indices)
     mine = [int(i) for i in indices[self.rows]]
     image_key, label_key = self.transform.image_key, self.transform.label_key
-    keys = tuple(k for k in (image_key, label_key, self.text_top) if k)
+    text_key = self.text.top_key if self.text else None
+    keys = tuple(k for k in (image_key, label_key, text_key) if k)
     if self.batched:
       columns = _read_columns(self.source, mine, keys)
       out = self.transform.random_map_batch(
@@ -379,19 +377,13 @@ class _ReadAndAugment(grain.transforms.RandomMap):
           'image': np.stack([e['image'] for e in examples]),
           'label': np.asarray([e['label'] for e in examples], np.int32),
       }
-      columns = {self.text_top: [r[self.text_top] for r in records]} if self.text else {}
+      columns = {text_key: [r[text_key] for r in records]} if self.text else {}
     if self.text is not None:
       # Drawn after the image parameters, for the whole global batch.
       draws = rng.random(total)[self.rows]
-      values = [_text_value(v, self.text.text_key, self.text_top)
-                for v in columns[self.text_top]]
+      values = [self.text.value(v) for v in columns[text_key]]
       out.update(self.text.sample(values, draws))
     return out
-
-
-def _text_value(value, text_key: str, top: str):
-  """The text feature inside the top-level feature `top` of one record."""
-  return value if text_key == top else preprocess.lookup({top: value}, text_key)
 
 
 def _read_columns(source, indices: list[int], keys) -> dict[str, np.ndarray]:
@@ -490,8 +482,7 @@ class EvalBatches:
         [e['image'] for e in examples], [e['label'] for e in examples]
     )
     if self.text is not None:
-      top = preprocess.top_level_key(self.text.text_key, records[0].keys()) if records else None
-      values = [_text_value(r[top], self.text.text_key, top) for r in records]
+      values = [self.text.value(r[self.text.top_key]) for r in records]
       values += [[]] * (self.batch_size - len(values))  # padding rows: no text
       batch.update(self.text.all_captions(values, self.captions_per_example))
     return batch

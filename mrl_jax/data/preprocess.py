@@ -431,7 +431,14 @@ class TextTransform:
   """
 
   text_key: str
+  top_key: str  # the record's top-level feature holding it (`top_level_key`)
   tokenizer: Any  # mrl_jax.data.tokenizer.WordPieceTokenizer
+
+  def value(self, top_value: Any) -> Any:
+    """The text feature inside the value of the record's `top_key` feature."""
+    if self.text_key == self.top_key:
+      return top_value
+    return lookup({self.top_key: top_value}, self.text_key)
 
   def texts(self, record_value: Any) -> list[str]:
     return as_texts(record_value) or ['']

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 
 from mrl_jax import sharding
@@ -54,45 +53,6 @@ def decode_variant(variant: str) -> dict[str, int]:
         f"variant; use one of {list(_VARIANTS)} or explicit width/depth/mlp_dim/num_heads.")
   width, depth, mlp_dim, num_heads = _VARIANTS[variant]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
-
-
-def _masked_attention(query, key, value, mask=None, **unused):
-  # query/key/value [B, L, heads, kv]; mask [B, 1, 1, L], True = attend.
-  # jax.nn.dot_product_attention picks a fused kernel where one exists.
-  del unused
-  return jax.nn.dot_product_attention(query, key, value, mask=mask)
-
-
-class EncoderBlock(nnx.Module):
-  """`vit.Encoder1DBlock` (pre-LN) whose attention skips padded keys.
-
-  Same submodules and parameter names as ViT's block, so the same sharding
-  rules and regex policies apply to both towers.
-  """
-
-  def __init__(self, width: int, mlp_dim: int, num_heads: int, *,
-               dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
-    norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
-    self.norm1 = nnx.LayerNorm(width, **norm)
-    self.attn = nnx.MultiHeadAttention(
-        num_heads=num_heads, in_features=width, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(),
-        attention_fn=_masked_attention, decode=False, rngs=rngs,
-        kernel_metadata=_axes("embed", "heads", "kv"),
-        bias_metadata=_axes("heads", "kv"),
-        out_kernel_metadata=_axes("heads", "kv", "embed"),
-        out_bias_metadata=_axes("embed"))
-    self.norm2 = nnx.LayerNorm(width, **norm)
-    self.mlp = vit.MlpBlock(width, mlp_dim, dropout=dropout, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
-
-  def __call__(self, x, mask, *, train: bool):  # x [B, L, width], mask [B, L] bool
-    y = self.attn(self.norm1(x), mask=mask[:, None, None, :])
-    x = x + self.dropout(y, deterministic=not train)
-    y = self.mlp(self.norm2(x), train=train)
-    return x + self.dropout(y, deterministic=not train)
 
 
 class TextEncoder(nnx.Module):
@@ -144,7 +104,7 @@ class TextEncoder(nnx.Module):
         scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
     self.remat, self.scan_layers = remat, scan_layers
-    make_block = lambda rngs: EncoderBlock(
+    make_block = lambda rngs: vit.Encoder1DBlock(
         width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.blocks = vit.stack_blocks(make_block, arch["depth"],

@@ -94,16 +94,21 @@ class MlpBlock(nnx.Module):
     return self.fc2(x)
 
 
-def _attention(query, key, value, **unused):
+def _attention(query, key, value, mask=None, **unused):
   # jax.nn.dot_product_attention picks a fused kernel (cuDNN flash attention
   # on GPU) where one exists and the plain XLA softmax(QK^T)V otherwise.
   # Attention-weight dropout is not used (big_vision's ViT has none either).
+  # mask [B, 1, 1, L] (True = attend) lets a text encoder skip padded keys.
   del unused
-  return jax.nn.dot_product_attention(query, key, value)
+  return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
 class Encoder1DBlock(nnx.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  `mask` [B, N] (bool, True = a real token) keeps attention off padded
+  positions; None (images) attends everywhere.
+  """
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *,
                dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
@@ -123,8 +128,9 @@ class Encoder1DBlock(nnx.Module):
                         param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
-  def __call__(self, x, *, train: bool):  # [B, N, width] -> same
-    y = self.attn(self.norm1(x))
+  def __call__(self, x, mask=None, *, train: bool):  # [B, N, width] -> same
+    y = self.attn(self.norm1(x),
+                  mask=None if mask is None else mask[:, None, None, :])
     x = x + self.dropout(y, deterministic=not train)
     y = self.mlp(self.norm2(x), train=train)
     return x + self.dropout(y, deterministic=not train)
