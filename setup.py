@@ -1,12 +1,23 @@
 """mrl_jax: Matryoshka Representation Learning in JAX/Flax."""
 import setuptools
 
+# The native CPU kNN search (mrl_jax/evaluators/knn_native.py), loaded with
+# ctypes. Optional: without a C compiler the install succeeds and the kNN
+# search runs as an XLA program everywhere.
+_KNN_NATIVE = setuptools.Extension(
+    "mrl_jax.evaluators._knn_native",
+    sources=["mrl_jax/evaluators/_knn_native.c"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
+    optional=True,
+)
+
 setuptools.setup(
     name="mrl_jax",
     version="0.1.0",
     description="Matryoshka Representation Learning in JAX/Flax, from a CPU to a TPU pod.",
     packages=setuptools.find_packages(include=["mrl_jax", "mrl_jax.*"]),
     package_data={"mrl_jax.data": ["vocab/*.txt"]},
+    ext_modules=[_KNN_NATIVE],
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.1",

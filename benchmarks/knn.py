@@ -66,6 +66,10 @@ _START = flags.DEFINE_integer('start', 8, 'Smallest nesting dim (doubling up to 
 _REPS = flags.DEFINE_integer('reps', 3, 'Timed runs of each (median).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _FUNNEL = flags.DEFINE_bool('funnel', True, 'Also time the funnel vs exact full-dim search.')
+_BACKENDS = flags.DEFINE_list(
+    'backends', ['native'], "knn_search backends to time: 'native' (the C search, what "
+    "backend='auto' runs on CPU) and/or 'xla' (the XLA program accelerators run).")
+_THREADS = flags.DEFINE_integer('threads', None, 'Threads of the native search (None: all CPUs).')
 
 
 def _import_faiss():
@@ -103,20 +107,25 @@ def main(argv):
     index = faiss.IndexFlatIP(d)
     index.add(database)
     for k in (int(s) for s in _KS.value):
-      ours = functools.partial(knn.knn_search, queries, database, dims, k)
       theirs = functools.partial(index.search, queries, k)
-      _, (_, our_idx) = _timed(ours)  # warm-up: compiles
+      ours = {b: functools.partial(knn.knn_search, queries, database, dims, k, backend=b,
+                                   num_threads=_THREADS.value)
+              for b in _BACKENDS.value}
+      our_idx = {b: _timed(fn)[1][1] for b, fn in ours.items()}  # warm-up: compiles
       _, (_, faiss_idx) = _timed(theirs)
-      times = {'ours': [], 'faiss': []}
+      times = {name: [] for name in ['faiss', *ours]}
       for _ in range(_REPS.value):
         times['faiss'].append(_timed(theirs)[0])
-        times['ours'].append(_timed(ours)[0])
-      t_ours, t_faiss = (statistics.median(times[n]) for n in ('ours', 'faiss'))
-      agree = np.mean([len(np.intersect1d(a, b)) / k
-                       for a, b in zip(our_idx[-1], faiss_idx)])
-      print(f'd={d:4d} k={k:3d}: ours {len(dims):2d} dims {t_ours:7.2f} s | '
-            f'faiss 1 dim {t_faiss:7.2f} s | ours / faiss {t_ours / t_faiss:5.2f} '
-            f'| top-k agreement at d {100 * agree:.2f}%', flush=True)
+        for b, fn in ours.items():
+          times[b].append(_timed(fn)[0])
+      t_faiss = statistics.median(times['faiss'])
+      for b in ours:
+        t_ours = statistics.median(times[b])
+        agree = np.mean([len(np.intersect1d(a, f)) / k
+                         for a, f in zip(our_idx[b][-1], faiss_idx)])
+        print(f'd={d:4d} k={k:3d}: ours ({b:6s}) {len(dims):2d} dims {t_ours:7.2f} s | '
+              f'faiss 1 dim {t_faiss:7.2f} s | ours / faiss {t_ours / t_faiss:5.2f} '
+              f'| top-k agreement at d {100 * agree:.2f}%', flush=True)
     if _FUNNEL.value:
       _time_funnel(queries, database, d)
 

@@ -53,6 +53,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mrl_jax.evaluators import knn_native
+
 # Squared prefix norms are floored here, so zero prefixes score 0, not NaN
 # (the same floor as mrl_jax.matryoshka.truncate).
 _SQ_NORM_EPS = 1e-24
@@ -252,9 +254,22 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+BACKENDS = ("auto", "native", "xla")
+
+
+def _use_native(backend: str, mesh) -> bool:
+  if backend not in BACKENDS:
+    raise ValueError(f"kNN backend={backend!r} must be one of {list(BACKENDS)}.")
+  if backend == "auto":
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    return knn_native.available() and all(dev.platform == "cpu" for dev in devices)
+  return backend == "native"
+
+
 def knn_search(queries, database, dims: Sequence[int], k: int, *,
                db_chunk: int | None = None, query_chunk: int | None = None,
-               db_mask=None, mesh: jax.sharding.Mesh | None = None):
+               db_mask=None, mesh: jax.sharding.Mesh | None = None,
+               backend: str = "auto", num_threads: int | None = None):
   """Exact top-k cosine neighbours of each query at every prefix dim.
 
   Args:
@@ -271,6 +286,14 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
     db_mask: optional [N] bool/0-1; rows with 0 (padding) are never returned.
     mesh: devices to split the queries over (all its axes); None = every
       device. Results do not depend on it.
+    backend: 'xla' runs the search as one XLA program over `mesh`; 'native'
+      runs the compiled CPU search (`knn_native`, threads over the queries;
+      db_chunk, query_chunk and mesh are then unused); 'auto' (default)
+      picks 'native' when every device is a CPU and the native search was
+      built, else 'xla'. Both return the same neighbours (up to float32
+      rounding of near-equal scores).
+    num_threads: CPU threads of the native search; None = every CPU this
+      process may use.
 
   Returns:
     NumPy scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k]
@@ -289,6 +312,9 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   num_q, n = queries.shape[0], database.shape[0]
   db_mask = (np.ones((n,), bool) if db_mask is None
              else np.asarray(db_mask).astype(bool).reshape(n))
+  if _use_native(backend, mesh):
+    # Inputs are the same on every process, so each computes all queries.
+    return knn_native.search(queries, database, dims, k, db_mask, num_threads=num_threads)
   if mesh is None:
     mesh = jax.make_mesh((jax.device_count(),), ("queries",),
                          axis_types=(jax.sharding.AxisType.Auto,))

@@ -1,0 +1,486 @@
+/* Exact top-k cosine search at every prefix dim, on the CPU, in one pass.
+ *
+ * The native counterpart of `knn._search` (mrl_jax/evaluators/knn.py), for
+ * hosts without an accelerator; called through ctypes by `knn_native.py`,
+ * which prepares the inputs and splits the queries over threads.
+ *
+ * Scores are s_j(q, x) = <q[:m_j], x[:m_j]> / |x[:m_j]| (the query's own
+ * norm does not change its ranking and is applied by the caller). The
+ * features are split into the chunks between consecutive dims; a register
+ * tile of QB queries x RB database rows accumulates the dot products chunk
+ * by chunk, and after each chunk the running sums ARE the prefix dot
+ * products of that dim: they are scaled by 1/|x[:m_j]| and fed to that
+ * dim's top-k while still in registers. So every dim costs one multiply and
+ * one compare per score on top of a single full-dim pass, and no score
+ * matrix is ever stored.
+ *
+ * Database layout (prepared by the caller): blocks of RB rows, transposed
+ * within the block, xb[nblk][d][RB]; inverse prefix norms xinv[nblk][D][RB].
+ * Rows that must never be returned (padding, masked rows) have inverse norm
+ * NaN: their scores are NaN and NaN > t is false, so they never enter a
+ * top-k.
+ *
+ * Ties go to the lower database row: rows are visited in increasing order
+ * within each lane and top-k entries are replaced only by strictly larger
+ * scores; lanes are merged by (score, lower row).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX2_VERSION 1
+#endif
+
+#define QB 4  /* queries per register tile */
+#ifndef CAP
+#define CAP 2 /* candidate buffer entries per k */
+#endif
+#ifndef KEEP_RANK
+#define KEEP_RANK 18
+#endif
+#define RB 16 /* database rows per block: two vectors of 8 */
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+/* Unaligned loads from the caller's arrays. */
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE v8f load8(const float *p) { return *(const v8f_u *)p; }
+
+INLINE v8f blendf(v8i m, v8f a, v8f b) { /* m ? a : b */
+  return (v8f)(((v8i)a & m) | ((v8i)b & ~m));
+}
+INLINE v8i blendi(v8i m, v8i a, v8i b) { return (a & m) | (b & ~m); }
+/* Bit l (l < 16) set where lane l of the scores (s0, s1) is above t. */
+INLINE uint32_t hits_generic(v8f s0, v8f s1, v8f t) {
+  const v8i bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  v4l l0 = (v4l)((s0 > t) & bit), l1 = (v4l)((s1 > t) & (bit << 8));
+  uint64_t o = (uint64_t)(l0[0] | l0[1] | l0[2] | l0[3] | l1[0] | l1[1] | l1[2] | l1[3]);
+  return (uint32_t)((o | (o >> 32)) & 0xffff);
+}
+
+/* Whether any lane of m (lanes 0 or -1) is set. */
+INLINE int any_lane_generic(v8i m) {
+  v4l l = (v4l)m;
+  return (l[0] | l[1] | l[2] | l[3]) != 0;
+}
+
+#ifdef HAVE_AVX2_VERSION
+/* The same, two instructions per half; inlined into the AVX2 search only. */
+__attribute__((target("avx2,fma"))) static inline uint32_t hits_avx2(v8f s0, v8f s1,
+                                                                     v8f t) {
+  __m256 a = _mm256_cmp_ps((__m256)s0, (__m256)t, _CMP_GT_OQ);
+  __m256 b = _mm256_cmp_ps((__m256)s1, (__m256)t, _CMP_GT_OQ);
+  return (uint32_t)_mm256_movemask_ps(a) | (uint32_t)_mm256_movemask_ps(b) << 8;
+}
+__attribute__((target("avx2,fma"))) static inline int any_lane_avx2(v8i m) {
+  return _mm256_movemask_ps((__m256)m) != 0;
+}
+#define HITS(avx2, s0, s1, t) ((avx2) ? hits_avx2(s0, s1, t) : hits_generic(s0, s1, t))
+#define ANY_LANE(avx2, m) ((avx2) ? any_lane_avx2(m) : any_lane_generic(m))
+#else
+#define HITS(avx2, s0, s1, t) hits_generic(s0, s1, t)
+#define ANY_LANE(avx2, m) any_lane_generic(m)
+#endif
+
+/* ---------------------------------------------------------------------- */
+/* Top-k for k > 1: a candidate buffer of 2k entries per (dim, query).    */
+/* Scores above the threshold are appended; a full buffer is cut back to  */
+/* its best k by quickselect and the threshold becomes the k-th best      */
+/* score. Appending costs O(1) and a cut O(k) per k candidates, so the    */
+/* work per (dim, query) is O(candidates): a heap would pay O(log k) per  */
+/* candidate, and with one top-k per dim that is where the time would go. */
+/* Order: higher score first, then lower row (rows are unique, so this is */
+/* a strict total order).                                                 */
+/* ---------------------------------------------------------------------- */
+INLINE int better(float sa, int32_t ia, float sb, int32_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+INLINE void swap_entry(float *s, int32_t *r, int64_t a, int64_t b) {
+  float ts = s[a];
+  int32_t tr = r[a];
+  s[a] = s[b];
+  r[a] = r[b];
+  s[b] = ts;
+  r[b] = tr;
+}
+
+/* Median-of-three pivot into lo, then a Lomuto partition of [lo, hi):
+ * returns p with [lo, p) better than the pivot, which lands at p. */
+static int64_t partition(float *s, int32_t *r, int64_t lo, int64_t hi) {
+  int64_t mid = lo + (hi - lo) / 2, last = hi - 1;
+  if (better(s[mid], r[mid], s[lo], r[lo])) swap_entry(s, r, mid, lo);
+  if (better(s[last], r[last], s[lo], r[lo])) swap_entry(s, r, last, lo);
+  if (better(s[last], r[last], s[mid], r[mid])) swap_entry(s, r, last, mid);
+  swap_entry(s, r, lo, mid); /* the median is the pivot */
+  float ps = s[lo];
+  int32_t pr = r[lo];
+  int64_t p = lo;
+  for (int64_t a = lo + 1; a < hi; a++) {
+    if (better(s[a], r[a], ps, pr)) swap_entry(s, r, ++p, a);
+  }
+  swap_entry(s, r, lo, p);
+  return p;
+}
+
+/* Sorts [lo, hi) best first. */
+static void sort_entries(float *s, int32_t *r, int64_t lo, int64_t hi) {
+  while (hi - lo > 16) {
+    int64_t p = partition(s, r, lo, hi);
+    if (p - lo < hi - p - 1) { sort_entries(s, r, lo, p); lo = p + 1; }
+    else { sort_entries(s, r, p + 1, hi); hi = p; }
+  }
+  for (int64_t a = lo + 1; a < hi; a++) { /* insertion sort */
+    float ts = s[a];
+    int32_t tr = r[a];
+    int64_t b = a - 1;
+    while (b >= lo && better(ts, tr, s[b], r[b])) {
+      s[b + 1] = s[b];
+      r[b + 1] = r[b];
+      b--;
+    }
+    s[b + 1] = ts;
+    r[b + 1] = tr;
+  }
+}
+
+typedef struct {
+  float thr;     /* candidates must score above this (-inf at first) */
+  int32_t count; /* entries in the buffer */
+} topk_state;
+
+/* The k-th largest of a[0, n) (k <= n); reorders a. Quickselect with
+ * branchless three-way partitions: candidate scores are random-looking, so
+ * a compare-and-branch partition mispredicts about every other element. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n, want = k - 1; /* 0-based rank, descending */
+  while (hi - lo > 1) {
+    float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+    /* median of three */
+    float pivot = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+    int64_t gt = lo;
+    for (int64_t i = lo; i < hi; i++) { /* [lo, gt) > pivot */
+      float v = a[i];
+      a[i] = a[gt];
+      a[gt] = v;
+      gt += v > pivot;
+    }
+    int64_t eq = gt;
+    for (int64_t i = gt; i < hi; i++) { /* [gt, eq) == pivot */
+      float v = a[i];
+      a[i] = a[eq];
+      a[eq] = v;
+      eq += v == pivot;
+    }
+    if (want < gt) hi = gt;
+    else if (want < eq) return pivot;
+    else lo = eq;
+  }
+  return a[lo];
+}
+
+/* Keeps the entries of the buffer (in row order) that are above t, and
+ * among those equal to t the lowest rows, up to `ties` of them; stable and
+ * branchless. Returns the new count. */
+static int64_t compact(float *s, int32_t *r, int64_t n, float t, int64_t ties) {
+  int64_t w = 0;
+  for (int64_t i = 0; i < n; i++) {
+    float v = s[i];
+    int64_t tie = v == t;
+    int64_t keep = (v > t) | (tie & (ties > 0));
+    ties -= keep & tie;
+    s[w] = v;
+    r[w] = r[i];
+    w += keep;
+  }
+  return w;
+}
+
+/* The buffer cut to exactly its best k (row order kept); the threshold
+ * becomes the k-th best score. */
+static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
+  int64_t n = st->count, above = 0;
+  memcpy(tmp, s, (size_t)n * sizeof(float));
+  float t = kth_largest(tmp, n, k);
+  for (int64_t i = 0; i < n; i++) above += s[i] > t;
+  st->count = (int32_t)compact(s, r, n, t, k - above);
+  st->thr = t;
+}
+
+/* A full buffer (2k entries) cut back to between k and ~1.3k entries: the
+ * threshold t is read off a sorted sample of the scores so that about 60%
+ * of them are >= t, checked by counting; every entry >= t is kept. Any t
+ * with at least k entries >= t is a valid threshold (it is at most the
+ * k-th best score so far), and this costs a count and a copy per entry
+ * instead of a selection. The exact cut is the fallback. */
+#define SAMPLE 31
+static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
+  int64_t n = st->count;
+  float sample[SAMPLE];
+  for (int a = 0; a < SAMPLE; a++) { /* insertion sort, descending */
+    float v = s[(int64_t)a * n / SAMPLE];
+    int b = a - 1;
+    while (b >= 0 && sample[b] < v) { sample[b + 1] = sample[b]; b--; }
+    sample[b + 1] = v;
+  }
+  for (int rank = KEEP_RANK; rank < SAMPLE; rank += 6) {
+    float t = sample[rank];
+    int64_t at_least = 0;
+    for (int64_t i = 0; i < n; i++) at_least += s[i] >= t;
+    if (at_least >= k && at_least <= n - n / 8) {
+      st->count = (int32_t)compact(s, r, n, t, n);
+      /* Rows scoring exactly t were kept, so later rows must beat it. */
+      st->thr = t;
+      return;
+    }
+  }
+  cut_exact(st, s, r, k, tmp);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The search.                                                            */
+/* ---------------------------------------------------------------------- */
+/* Appends the rows of one block that beat a (dim, query)'s threshold, in
+ * row order, cutting the buffer whenever it fills. */
+static void add_candidates(topk_state *st, float *cs, int32_t *cr, int64_t k,
+                           float *tmp, const float *scores, uint32_t hits,
+                           int32_t first_row) {
+  do {
+    int l = __builtin_ctz(hits);
+    hits &= hits - 1;
+    float v = scores[l];
+    if (v > st->thr) { /* the threshold may have risen since */
+      cs[st->count] = v;
+      cr[st->count] = first_row + l;
+      if (++st->count == CAP * k) cut_buffer(st, cs, cr, k, tmp);
+    }
+  } while (hits);
+}
+
+/* One register tile (QB queries) against database blocks [b0, b1).
+ * k == 1: the best score and row per (dim, query, lane), kept lane-wise in
+ * best_s / best_i [D][QB][2] vectors (no branch per score). k > 1: the
+ * candidate buffers cand_s / cand_r [D][QB][2k] and their states [D][QB];
+ * a block's scores are parked in `parked` [D][QB][RB] and, if any beat
+ * its threshold, handed to the buffers after the block, so that no call is
+ * made while the accumulators are live. */
+INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
+                      const float *xinv, int64_t b0, int64_t b1,
+                      const int32_t *bounds, int64_t num_dims, int64_t k,
+                      v8f *best_s, v8i *best_i, float *cand_s, int32_t *cand_r,
+                      topk_state *state, float *tmp, float *parked, int avx2) {
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t b = b0; b < b1; b++) {
+    const float *xbb = xb + b * d * RB;
+    const float *ib = xinv + b * num_dims * RB;
+    const v8i row0 = lane + (int32_t)(b * RB), row1 = row0 + 8;
+    v8i any = {0};
+    v8f acc[QB][2];
+    for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
+    for (int64_t j = 0; j < num_dims; j++) {
+      /* The chunk (m_{j-1}, m_j]: afterwards acc holds the dots at m_j. */
+      for (int64_t f = bounds[j]; f < bounds[j + 1]; f++) {
+        v8f x0 = load8(xbb + f * RB), x1 = load8(xbb + f * RB + 8);
+        for (int qi = 0; qi < QB; qi++) {
+          float qv = qt[qi * d + f];
+          acc[qi][0] += qv * x0;
+          acc[qi][1] += qv * x1;
+        }
+      }
+      v8f i0 = load8(ib + j * RB), i1 = load8(ib + j * RB + 8);
+      for (int qi = 0; qi < QB; qi++) {
+        v8f s0 = acc[qi][0] * i0, s1 = acc[qi][1] * i1;
+        int64_t at = j * QB + qi;
+        if (k == 1) {
+          v8f *bs = best_s + at * 2;
+          v8i *bi = best_i + at * 2;
+          v8i m0 = s0 > bs[0], m1 = s1 > bs[1]; /* strict: earlier rows win ties */
+          bs[0] = blendf(m0, s0, bs[0]);
+          bs[1] = blendf(m1, s1, bs[1]);
+          bi[0] = blendi(m0, row0, bi[0]);
+          bi[1] = blendi(m1, row1, bi[1]);
+        } else {
+          float t = state[at].thr;
+          v8f tv = {t, t, t, t, t, t, t, t};
+          any |= (s0 > tv) | (s1 > tv);
+          *(v8f_u *)(parked + at * RB) = s0;
+          *(v8f_u *)(parked + at * RB + 8) = s1;
+        }
+      }
+    }
+    if (k > 1 && ANY_LANE(avx2, any)) {
+      /* Some score beat its threshold: rare once the top-k lists have filled. */
+      for (int64_t at = 0; at < num_dims * QB; at++) {
+        float t = state[at].thr;
+        v8f tv = {t, t, t, t, t, t, t, t};
+        const float *p = parked + at * RB;
+        uint32_t hits = HITS(avx2, load8(p), load8(p + 8), tv);
+        if (hits) {
+          add_candidates(state + at, cand_s + at * CAP * k, cand_r + at * CAP * k, k, tmp,
+                         p, hits, (int32_t)(b * RB));
+        }
+      }
+    }
+  }
+}
+
+INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
+                       const float *xinv, int64_t nblk, const int32_t *bounds,
+                       int64_t num_dims, int64_t k, int64_t query_block,
+                       int64_t db_block, float *out_s, int32_t *out_i,
+                       int64_t out_q_stride, int avx2) {
+  int64_t tiles_per_block = (query_block + QB - 1) / QB;
+  size_t nstate = (size_t)(tiles_per_block * num_dims * QB);
+  float *qbuf = malloc((size_t)(tiles_per_block * QB * d) * sizeof(float));
+  void *best_s = NULL, *best_i = NULL;
+  float *cand_s = NULL;
+  int32_t *cand_r = NULL;
+  topk_state *state = NULL;
+  float *tmp = NULL, *parked = NULL;
+  int ok = qbuf != NULL;
+  if (k == 1) {
+    ok = ok && posix_memalign(&best_s, 32, nstate * 2 * sizeof(v8f)) == 0;
+    ok = ok && posix_memalign(&best_i, 32, nstate * 2 * sizeof(v8i)) == 0;
+  } else {
+    ok = ok && (cand_s = malloc(nstate * CAP * (size_t)k * sizeof(float))) != NULL;
+    ok = ok && (cand_r = malloc(nstate * CAP * (size_t)k * sizeof(int32_t))) != NULL;
+    ok = ok && (state = malloc(nstate * sizeof(topk_state))) != NULL;
+    ok = ok && (tmp = malloc(CAP * (size_t)k * sizeof(float))) != NULL;
+    ok = ok && (parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float))) != NULL;
+  }
+  const v8f neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                       -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  const v8i minus1 = {-1, -1, -1, -1, -1, -1, -1, -1};
+
+  for (int64_t q0 = 0; ok && q0 < nq; q0 += query_block) {
+    int64_t nqb = nq - q0 < query_block ? nq - q0 : query_block;
+    int64_t ntiles = (nqb + QB - 1) / QB;
+    /* This block's queries, zero-padded to whole tiles. */
+    memset(qbuf, 0, (size_t)(ntiles * QB * d) * sizeof(float));
+    memcpy(qbuf, q + q0 * d, (size_t)(nqb * d) * sizeof(float));
+    size_t n = (size_t)(ntiles * num_dims * QB);
+    if (k == 1) {
+      for (size_t a = 0; a < 2 * n; a++) {
+        ((v8f *)best_s)[a] = neg_inf;
+        ((v8i *)best_i)[a] = minus1;
+      }
+    } else {
+      for (size_t a = 0; a < n; a++) { state[a].thr = -INFINITY; state[a].count = 0; }
+    }
+    /* The database in cache-sized runs of blocks, each run against every
+     * tile of the query block while it is in cache. */
+    for (int64_t b0 = 0; b0 < nblk; b0 += db_block) {
+      int64_t b1 = b0 + db_block < nblk ? b0 + db_block : nblk;
+      for (int64_t t = 0; t < ntiles; t++) {
+        size_t off = (size_t)(t * num_dims * QB);
+        if (k == 1) {
+          tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, 1,
+                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, avx2);
+        } else {
+          tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, k,
+                    NULL, NULL, cand_s + off * CAP * (size_t)k,
+                    cand_r + off * CAP * (size_t)k, state + off, tmp, parked, avx2);
+        }
+      }
+    }
+    /* Results [D, out_q_stride, k] for this block's queries. */
+    for (int64_t t = 0; t < ntiles; t++) {
+      for (int64_t j = 0; j < num_dims; j++) {
+        for (int qi = 0; qi < QB && t * QB + qi < nqb; qi++) {
+          size_t st = (size_t)((t * num_dims + j) * QB + qi);
+          int64_t row = (j * out_q_stride + q0 + t * QB + qi) * k;
+          float *os = out_s + row;
+          int32_t *oi = out_i + row;
+          if (k == 1) {
+            float bs = -INFINITY;
+            int32_t bi = -1;
+            for (int half = 0; half < 2; half++) {
+              v8f s = ((v8f *)best_s)[2 * st + half];
+              v8i r = ((v8i *)best_i)[2 * st + half];
+              for (int l = 0; l < 8; l++) {
+                if (r[l] >= 0 && (bi < 0 || better(s[l], r[l], bs, bi))) {
+                  bs = s[l];
+                  bi = r[l];
+                }
+              }
+            }
+            os[0] = bs;
+            oi[0] = bi;
+          } else {
+            float *cs = cand_s + st * CAP * (size_t)k;
+            int32_t *cr = cand_r + st * CAP * (size_t)k;
+            int64_t cnt = state[st].count;
+            if (cnt > k) {
+              cut_exact(&state[st], cs, cr, k, tmp);
+              cnt = k;
+            }
+            sort_entries(cs, cr, 0, cnt);
+            for (int64_t a = 0; a < k; a++) {
+              os[a] = a < cnt ? cs[a] : -INFINITY;
+              oi[a] = a < cnt ? cr[a] : -1;
+            }
+          }
+        }
+      }
+    }
+  }
+  free(qbuf);
+  free(best_s);
+  free(best_i);
+  free(cand_s);
+  free(cand_r);
+  free(state);
+  free(tmp);
+  free(parked);
+  return ok ? 0 : -1;
+}
+
+/* The same body compiled twice: with AVX2 + FMA where the CPU has them,
+ * and for the baseline instruction set. */
+#define SEARCH_ARGS                                                           \
+  const float *q, int64_t nq, int64_t d, const float *xb, const float *xinv, \
+      int64_t nblk, const int32_t *bounds, int64_t num_dims, int64_t k,      \
+      int64_t query_block, int64_t db_block, float *out_s, int32_t *out_i,   \
+      int64_t out_q_stride
+#define SEARCH_CALL                                                           \
+  search_body(q, nq, d, xb, xinv, nblk, bounds, num_dims, k, query_block,    \
+              db_block, out_s, out_i, out_q_stride
+#ifdef HAVE_AVX2_VERSION
+__attribute__((target("avx2,fma"))) static int search_avx2(SEARCH_ARGS) {
+  return SEARCH_CALL, 1);
+}
+#endif
+
+static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
+
+/* Rows per database block, for the caller's layout. */
+int64_t mrl_knn_rows_per_block(void) { return RB; }
+
+/* 1 if the AVX2 + FMA version runs on this CPU. */
+int mrl_knn_uses_avx2(void) {
+#ifdef HAVE_AVX2_VERSION
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return 0;
+#endif
+}
+
+/* Queries q [nq, d] (row-major) against the prepared database; writes
+ * out_s / out_i [D, out_q_stride, k] at query rows [0, nq) (the caller
+ * offsets the pointers to its slice). Returns 0, or -1 if out of memory. */
+int mrl_knn_search(SEARCH_ARGS) {
+#ifdef HAVE_AVX2_VERSION
+  if (mrl_knn_uses_avx2()) return search_avx2(q, nq, d, xb, xinv, nblk, bounds, num_dims, k,
+                                              query_block, db_block, out_s, out_i,
+                                              out_q_stride);
+#endif
+  return search_generic(q, nq, d, xb, xinv, nblk, bounds, num_dims, k, query_block,
+                        db_block, out_s, out_i, out_q_stride);
+}

@@ -1,0 +1,149 @@
+"""The exact all-dims kNN search as native CPU code (`_knn_native.c`).
+
+`knn.knn_search` runs here when its devices are CPUs (backend='auto'). The
+XLA program of `knn._search` cannot fuse the chunk matmuls with the per-dim
+top-k, so on a CPU it writes and re-reads a score block per dim; the C
+kernel keeps a 4-query x 16-row tile of running dot products in registers,
+and after each chunk between consecutive dims scores that dim and updates
+its top-k before moving on. Every dim then costs a multiply and a compare
+per score on top of one full-dim pass: the same arithmetic as a single-dim
+search plus O(D) per score (module docstring of the C file).
+
+The library is compiled with the package (setup.py, an optional extension:
+without a C compiler the install still succeeds and the XLA search is used
+everywhere). Queries are split over threads (`num_threads`, default: the
+CPUs this process may run on); ctypes releases the GIL for each call.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import concurrent.futures
+import ctypes
+import functools
+import importlib.machinery
+import os
+import pathlib
+
+import numpy as np
+
+# Squared prefix norms are floored here, as in knn._prefix_inv_norms.
+_SQ_NORM_EPS = 1e-24
+# Queries per pass over the database, and database bytes per cache-sized
+# run of blocks (each run is swept by every query tile of the pass).
+_QUERY_BLOCK = 512
+_DB_RUN_BYTES = 128 << 10
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+  """The compiled library, or None (no compiler at install time)."""
+  here = pathlib.Path(__file__).parent
+  for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+    path = here / f"_knn_native{suffix}"
+    if path.exists():
+      break
+  else:
+    return None
+  lib = ctypes.CDLL(str(path))
+  ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+  lib.mrl_knn_search.restype = ctypes.c_int
+  lib.mrl_knn_search.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64,
+                                 ptr, ptr, i64]
+  lib.mrl_knn_rows_per_block.restype = i64
+  lib.mrl_knn_uses_avx2.restype = ctypes.c_int
+  return lib
+
+
+def available() -> bool:
+  """Whether the native search was built with this installation."""
+  return _library() is not None
+
+
+def uses_avx2() -> bool:
+  """Whether the native search runs its AVX2 + FMA version on this CPU."""
+  lib = _library()
+  return bool(lib is not None and lib.mrl_knn_uses_avx2())
+
+
+def _chunk_bounds(dims):
+  bounds = (0, *dims)
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def prefix_inv_norms(x: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+  """[n, d] -> [D, n] float32 1 / |x[:m]| per dim (floored like knn.py)."""
+  sq = np.stack([np.einsum("nf,nf->n", x[:, lo:hi], x[:, lo:hi], dtype=np.float64)
+                 for lo, hi in _chunk_bounds(dims)])
+  return (1.0 / np.sqrt(np.maximum(np.cumsum(sq, axis=0), _SQ_NORM_EPS))).astype(np.float32)
+
+
+def _prepared_database(database: np.ndarray, dims, db_mask: np.ndarray, rows_per_block: int):
+  """Blocks of rows, transposed within each block: xb [nblk, d, RB], xinv [nblk, D, RB].
+
+  Padding rows and masked rows get inverse norm NaN, so they never score.
+  """
+  n, d = database.shape
+  nblk = max(1, -(-n // rows_per_block))
+  padded = np.zeros((nblk * rows_per_block, d), np.float32)
+  padded[:n] = database
+  xb = np.ascontiguousarray(padded.reshape(nblk, rows_per_block, d).transpose(0, 2, 1))
+  inv = prefix_inv_norms(padded, dims)
+  valid = np.zeros(nblk * rows_per_block, bool)
+  valid[:n] = db_mask
+  inv[:, ~valid] = np.nan
+  xinv = np.ascontiguousarray(inv.reshape(len(dims), nblk, rows_per_block).transpose(1, 0, 2))
+  return xb, xinv
+
+
+def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: int,
+           db_mask: np.ndarray, *, num_threads: int | None = None):
+  """Exact top-k at every dim; the contract of `knn.knn_search` (checked there).
+
+  Returns scores [D, Q, k] float32 (cosines, best first) and indices
+  [D, Q, k] int32 (ties to the lower row; -inf / -1 past the valid rows).
+  """
+  lib = _library()
+  if lib is None:
+    raise RuntimeError(
+        "kNN backend='native' needs the compiled search, which this installation lacks "
+        "(it is built by `pip install -e .` when a C compiler is present). Fix: install a "
+        "C compiler and reinstall mrl_jax, or pass backend='xla'.")
+  queries = np.ascontiguousarray(queries, np.float32)
+  database = np.ascontiguousarray(database, np.float32)
+  num_q, d = queries.shape
+  num_dims = len(dims)
+  xb, xinv = _prepared_database(database, dims, db_mask, int(lib.mrl_knn_rows_per_block()))
+  bounds = np.asarray((0, *dims), np.int32)
+  rows_per_block = xb.shape[2]
+  db_run = max(1, _DB_RUN_BYTES // (4 * d * rows_per_block))
+  scores = np.empty((num_dims, num_q, k), np.float32)
+  indices = np.empty((num_dims, num_q, k), np.int32)
+  if num_q == 0:
+    return scores, indices
+
+  if num_threads is None:
+    num_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+  # Slices of whole 4-query tiles, at least one tile each.
+  per_thread = -(-num_q // max(1, int(num_threads)))
+  per_thread = -(-per_thread // 4) * 4
+  starts = list(range(0, num_q, per_thread))
+
+  def run(start):
+    count = min(num_q, start + per_thread) - start
+    q = queries[start:]
+    status = lib.mrl_knn_search(
+        q.ctypes.data, count, d, xb.ctypes.data, xinv.ctypes.data, xb.shape[0],
+        bounds.ctypes.data, num_dims, k, _QUERY_BLOCK, db_run,
+        scores[:, start:].ctypes.data, indices[:, start:].ctypes.data, num_q)
+    if status != 0:
+      raise MemoryError(f"native kNN search: out of memory ({count} queries, k={k}).")
+
+  if len(starts) == 1:
+    run(0)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:
+      list(pool.map(run, starts))
+  # The kernel ranks by <q, x> / |x|; dividing by |q[:m]| makes cosines.
+  scores *= prefix_inv_norms(queries, dims)[:, :, None]
+  return scores, indices

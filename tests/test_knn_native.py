@@ -1,0 +1,111 @@
+"""The native CPU kNN search: its top-k buffers, threads, tiles and backend choice.
+
+The shared contract (brute force, ties, padding, dims) is tested on both
+backends in test_evaluators.py and test_retrieval.py; these tests aim at
+what only the C kernel has: candidate buffers cut many times (by a sampled
+threshold, and exactly when scores tie), query tiles of 4 and thread slices.
+"""
+import jax
+import numpy as np
+import pytest
+
+from mrl_jax.evaluators import knn
+from mrl_jax.evaluators import knn_native
+from tests import knn_reference
+
+pytestmark = pytest.mark.skipif(not knn_native.available(),
+                                reason="the native kNN search was not built")
+
+
+def _brute_force(queries, database, dims, k):
+  return knn_reference.brute_force(queries, database, dims, k)[1]
+
+
+@pytest.mark.parametrize("k", [2, 5, 40])
+def test_many_buffer_cuts_match_brute_force(k):
+  # 6000 rows against a buffer of 2k: the buffer fills and is cut back
+  # dozens of times per (dim, query).
+  rng = np.random.default_rng(0)
+  database = rng.normal(size=(6000, 20)).astype(np.float32)
+  queries = rng.normal(size=(9, 20)).astype(np.float32)
+  dims = [3, 5, 10, 20]
+  scores, indices = knn.knn_search(queries, database, dims, k, backend="native")
+  np.testing.assert_array_equal(indices, _brute_force(queries, database, dims, k))
+  assert (np.diff(scores, axis=-1) <= 0).all()  # best first
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+def test_all_scores_equal_goes_to_the_lowest_rows(k):
+  # Every row is the same vector: every cut is the exact one (the sampled
+  # threshold keeps everything), and the lowest rows must win at every dim.
+  database = np.tile(np.arange(1, 9, dtype=np.float32), (500, 1))
+  queries = np.ones((6, 8), np.float32)
+  scores, indices = knn.knn_search(queries, database, [2, 4, 8], k, backend="native")
+  np.testing.assert_array_equal(indices, np.broadcast_to(np.arange(k), (3, 6, k)))
+  assert np.isfinite(scores).all()
+
+
+def test_repeated_scores_across_cuts_keep_the_lowest_rows():
+  # 12 directions, each repeated ~100 times in a shuffled order: long runs
+  # of equal scores straddle the threshold at every cut.
+  rng = np.random.default_rng(1)
+  directions = rng.normal(size=(12, 16)).astype(np.float32)
+  database = directions[rng.integers(0, 12, size=1200)]
+  database *= rng.choice([1.0, 2.0, 4.0], size=(1200, 1)).astype(np.float32)  # same cosine
+  queries = rng.normal(size=(5, 16)).astype(np.float32)
+  for k in (7, 150, 333):
+    _, indices = knn.knn_search(queries, database, [4, 16], k, backend="native")
+    np.testing.assert_array_equal(indices, _brute_force(queries, database, [4, 16], k))
+
+
+@pytest.mark.parametrize("num_queries", [1, 3, 4, 5, 13])
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_tiles_and_threads_do_not_change_results(num_queries, num_threads):
+  rng = np.random.default_rng(2)
+  database = rng.normal(size=(333, 12)).astype(np.float32)
+  queries = rng.normal(size=(num_queries, 12)).astype(np.float32)
+  dims = [1, 6, 7, 12]  # uneven chunks, one of a single feature
+  ref = _brute_force(queries, database, dims[1:], 9)
+  for k in (1, 9):
+    _, indices = knn.knn_search(queries, database, dims, k, backend="native",
+                                num_threads=num_threads)
+    np.testing.assert_array_equal(indices[1:], ref[..., :k])
+
+
+def test_k_beyond_the_database_and_masked_rows():
+  rng = np.random.default_rng(3)
+  database = rng.normal(size=(10, 8)).astype(np.float32)
+  queries = rng.normal(size=(3, 8)).astype(np.float32)
+  db_mask = np.arange(10) % 3 != 0  # 6 valid rows
+  scores, indices = knn.knn_search(queries, database, [4, 8], 9, db_mask=db_mask,
+                                   backend="native")
+  assert (indices[..., 6:] == -1).all() and np.isneginf(scores[..., 6:]).all()
+  valid = np.flatnonzero(db_mask)
+  np.testing.assert_array_equal(
+      indices[..., :6], valid[_brute_force(queries, database[valid], [4, 8], 6)])
+
+
+def test_scores_are_cosines_like_the_xla_search():
+  rng = np.random.default_rng(4)
+  database = rng.normal(size=(500, 32)).astype(np.float32) * 3.0
+  queries = rng.normal(size=(20, 32)).astype(np.float32) * 0.1
+  dims = [8, 16, 32]
+  native = knn.knn_search(queries, database, dims, 5, backend="native")
+  xla = knn.knn_search(queries, database, dims, 5, backend="xla")
+  np.testing.assert_array_equal(native[1], xla[1])
+  np.testing.assert_allclose(native[0], xla[0], atol=1e-6)
+
+
+def test_auto_picks_native_on_cpu_and_xla_without_the_library(monkeypatch):
+  assert all(d.platform == "cpu" for d in jax.devices())
+  assert knn._use_native("auto", None)  # pylint: disable=protected-access
+  assert not knn._use_native("xla", None)  # pylint: disable=protected-access
+  x = np.eye(4, dtype=np.float32)
+  with pytest.raises(ValueError, match="backend='gpu' must be one of"):
+    knn.knn_search(x, x, [4], 1, backend="gpu")
+  monkeypatch.setattr(knn_native, "_library", lambda: None)
+  assert not knn._use_native("auto", None)  # pylint: disable=protected-access
+  _, indices = knn.knn_search(x, x, [4], 1)  # falls back to the XLA search
+  np.testing.assert_array_equal(indices[0, :, 0], np.arange(4))
+  with pytest.raises(RuntimeError, match="backend='xla'"):
+    knn.knn_search(x, x, [4], 1, backend="native")
