@@ -5,6 +5,8 @@ backends in test_evaluators.py and test_retrieval.py; these tests aim at
 what only the C kernel has: candidate buffers cut many times (by a sampled
 threshold, and exactly when scores tie), query tiles of 4 and thread slices.
 """
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -21,15 +23,20 @@ def _brute_force(queries, database, dims, k):
   return knn_reference.brute_force(queries, database, dims, k)[1]
 
 
-@pytest.mark.parametrize("k", [2, 5, 40])
-def test_many_buffer_cuts_match_brute_force(k):
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_many_buffer_cuts_match_brute_force(k, generic):
   # 6000 rows against a buffer of 2k: the buffer fills and is cut back
-  # dozens of times per (dim, query).
+  # dozens of times per (dim, query). generic: the baseline-ISA build of
+  # the kernel, which CPUs without AVX2 + FMA run.
   rng = np.random.default_rng(0)
   database = rng.normal(size=(6000, 20)).astype(np.float32)
   queries = rng.normal(size=(9, 20)).astype(np.float32)
   dims = [3, 5, 10, 20]
-  scores, indices = knn.knn_search(queries, database, dims, k, backend="native")
+  with knn_native.generic_code() if generic else contextlib.nullcontext():
+    if generic:
+      assert not knn_native.uses_avx2()
+    scores, indices = knn.knn_search(queries, database, dims, k, backend="native")
   np.testing.assert_array_equal(indices, _brute_force(queries, database, dims, k))
   assert (np.diff(scores, axis=-1) <= 0).all()  # best first
 
@@ -109,3 +116,29 @@ def test_auto_picks_native_on_cpu_and_xla_without_the_library(monkeypatch):
   np.testing.assert_array_equal(indices[0, :, 0], np.arange(4))
   with pytest.raises(RuntimeError, match="backend='xla'"):
     knn.knn_search(x, x, [4], 1, backend="native")
+
+
+def test_scores_packed_near_every_threshold():
+  # Every row at nearly the same angle to the query (a band of ~1e-4 in
+  # cosine, ~1,000 float32 levels), in random order: each cut's threshold
+  # lands inside the band, so a threshold set a hair too high, or a kept
+  # entry dropped, loses true neighbours. Near-equal scores may swap rows
+  # within float32 rounding, so the check is on the scores of the rows found.
+  rng = np.random.default_rng(5)
+  d, n = 8, 5000
+  u = np.eye(d, dtype=np.float64)[0]
+  w = np.eye(d, dtype=np.float64)[1]
+  angle = np.radians(60.0) + rng.uniform(0.0, 1e-4, size=n)
+  database = (np.cos(angle)[:, None] * u + np.sin(angle)[:, None] * w).astype(np.float32)
+  queries = np.stack([u, u + 1e-3 * w]).astype(np.float32)
+  for k in (1, 10, 300):
+    scores, indices = knn.knn_search(queries, database, [d], k, backend="native")
+    ref_scores, _ = knn_reference.brute_force(queries, database, [d], k)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=3e-7)
+    # The rows returned really have those scores, best first, all distinct.
+    exact = np.take_along_axis(
+        (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+            database / np.linalg.norm(database, axis=1, keepdims=True)).T,
+        indices[0], axis=1)
+    np.testing.assert_allclose(exact, scores[0], rtol=0, atol=3e-7)
+    assert all(len(set(row)) == k for row in indices[0])

@@ -33,7 +33,9 @@
 #define HAVE_AVX2_VERSION 1
 #endif
 
+#ifndef QB
 #define QB 4  /* queries per register tile */
+#endif
 #ifndef CAP
 #define CAP 2 /* candidate buffer entries per k */
 #endif
@@ -64,12 +66,6 @@ INLINE uint32_t hits_generic(v8f s0, v8f s1, v8f t) {
   return (uint32_t)((o | (o >> 32)) & 0xffff);
 }
 
-/* Whether any lane of m (lanes 0 or -1) is set. */
-INLINE int any_lane_generic(v8i m) {
-  v4l l = (v4l)m;
-  return (l[0] | l[1] | l[2] | l[3]) != 0;
-}
-
 #ifdef HAVE_AVX2_VERSION
 /* The same, two instructions per half; inlined into the AVX2 search only. */
 __attribute__((target("avx2,fma"))) static inline uint32_t hits_avx2(v8f s0, v8f s1,
@@ -78,14 +74,20 @@ __attribute__((target("avx2,fma"))) static inline uint32_t hits_avx2(v8f s0, v8f
   __m256 b = _mm256_cmp_ps((__m256)s1, (__m256)t, _CMP_GT_OQ);
   return (uint32_t)_mm256_movemask_ps(a) | (uint32_t)_mm256_movemask_ps(b) << 8;
 }
-__attribute__((target("avx2,fma"))) static inline int any_lane_avx2(v8i m) {
-  return _mm256_movemask_ps((__m256)m) != 0;
+/* max(a, b) lane-wise, b where a is NaN; and m ? a : b on row vectors. */
+__attribute__((target("avx2,fma"))) static inline v8f max_avx2(v8f a, v8f b) {
+  return (v8f)_mm256_max_ps((__m256)a, (__m256)b);
+}
+__attribute__((target("avx2,fma"))) static inline v8i select_avx2(v8i m, v8i a, v8i b) {
+  return (v8i)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m);
 }
 #define HITS(avx2, s0, s1, t) ((avx2) ? hits_avx2(s0, s1, t) : hits_generic(s0, s1, t))
-#define ANY_LANE(avx2, m) ((avx2) ? any_lane_avx2(m) : any_lane_generic(m))
+#define MAX(avx2, a, b) ((avx2) ? max_avx2(a, b) : blendf((a) > (b), a, b))
+#define SELECT(avx2, m, a, b) ((avx2) ? select_avx2(m, a, b) : blendi(m, a, b))
 #else
 #define HITS(avx2, s0, s1, t) hits_generic(s0, s1, t)
-#define ANY_LANE(avx2, m) any_lane_generic(m)
+#define MAX(avx2, a, b) blendf((a) > (b), a, b)
+#define SELECT(avx2, m, a, b) blendi(m, a, b)
 #endif
 
 /* ---------------------------------------------------------------------- */
@@ -202,6 +204,18 @@ static int64_t compact(float *s, int32_t *r, int64_t n, float t, int64_t ties) {
   return w;
 }
 
+/* Keeps the entries scoring >= t, in order. Returns the new count. */
+static int64_t compact_at_least(float *s, int32_t *r, int64_t n, float t) {
+  int64_t w = 0;
+  for (int64_t i = 0; i < n; i++) {
+    float v = s[i];
+    s[w] = v;
+    r[w] = r[i];
+    w += v >= t;
+  }
+  return w;
+}
+
 /* The buffer cut to exactly its best k (row order kept); the threshold
  * becomes the k-th best score. */
 static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
@@ -223,18 +237,13 @@ static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tm
 static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
   int64_t n = st->count;
   float sample[SAMPLE];
-  for (int a = 0; a < SAMPLE; a++) { /* insertion sort, descending */
-    float v = s[(int64_t)a * n / SAMPLE];
-    int b = a - 1;
-    while (b >= 0 && sample[b] < v) { sample[b + 1] = sample[b]; b--; }
-    sample[b + 1] = v;
-  }
+  for (int a = 0; a < SAMPLE; a++) sample[a] = s[(int64_t)a * n / SAMPLE];
   for (int rank = KEEP_RANK; rank < SAMPLE; rank += 6) {
-    float t = sample[rank];
+    float t = kth_largest(sample, SAMPLE, rank + 1);
     int64_t at_least = 0;
     for (int64_t i = 0; i < n; i++) at_least += s[i] >= t;
     if (at_least >= k && at_least <= n - n / 8) {
-      st->count = (int32_t)compact(s, r, n, t, n);
+      st->count = (int32_t)compact_at_least(s, r, n, t);
       /* Rows scoring exactly t were kept, so later rows must beat it. */
       st->thr = t;
       return;
@@ -267,20 +276,21 @@ static void add_candidates(topk_state *st, float *cs, int32_t *cr, int64_t k,
  * k == 1: the best score and row per (dim, query, lane), kept lane-wise in
  * best_s / best_i [D][QB][2] vectors (no branch per score). k > 1: the
  * candidate buffers cand_s / cand_r [D][QB][2k] and their states [D][QB];
- * a block's scores are parked in `parked` [D][QB][RB] and, if any beat
- * its threshold, handed to the buffers after the block, so that no call is
- * made while the accumulators are live. */
+ * a block's scores are parked in `parked` [D][QB][RB] with the lanes that
+ * beat the threshold in `masks` [D][QB], and handed to the buffers after
+ * the block, so that no call is made while the accumulators are live. */
 INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
                       const float *xinv, int64_t b0, int64_t b1,
                       const int32_t *bounds, int64_t num_dims, int64_t k,
                       v8f *best_s, v8i *best_i, float *cand_s, int32_t *cand_r,
-                      topk_state *state, float *tmp, float *parked, int avx2) {
+                      topk_state *state, float *tmp, float *parked,
+                      uint32_t *masks, int avx2) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t b = b0; b < b1; b++) {
     const float *xbb = xb + b * d * RB;
     const float *ib = xinv + b * num_dims * RB;
     const v8i row0 = lane + (int32_t)(b * RB), row1 = row0 + 8;
-    v8i any = {0};
+    uint32_t any = 0;
     v8f acc[QB][2];
     for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
     for (int64_t j = 0; j < num_dims; j++) {
@@ -301,29 +311,26 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
           v8f *bs = best_s + at * 2;
           v8i *bi = best_i + at * 2;
           v8i m0 = s0 > bs[0], m1 = s1 > bs[1]; /* strict: earlier rows win ties */
-          bs[0] = blendf(m0, s0, bs[0]);
-          bs[1] = blendf(m1, s1, bs[1]);
-          bi[0] = blendi(m0, row0, bi[0]);
-          bi[1] = blendi(m1, row1, bi[1]);
+          bi[0] = SELECT(avx2, m0, row0, bi[0]);
+          bi[1] = SELECT(avx2, m1, row1, bi[1]);
+          bs[0] = MAX(avx2, s0, bs[0]);
+          bs[1] = MAX(avx2, s1, bs[1]);
         } else {
           float t = state[at].thr;
           v8f tv = {t, t, t, t, t, t, t, t};
-          any |= (s0 > tv) | (s1 > tv);
+          uint32_t h = HITS(avx2, s0, s1, tv);
+          masks[at] = h;
+          any |= h;
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
         }
       }
     }
-    if (k > 1 && ANY_LANE(avx2, any)) {
-      /* Some score beat its threshold: rare once the top-k lists have filled. */
+    if (any) { /* some score beat its threshold: rarer as the lists fill */
       for (int64_t at = 0; at < num_dims * QB; at++) {
-        float t = state[at].thr;
-        v8f tv = {t, t, t, t, t, t, t, t};
-        const float *p = parked + at * RB;
-        uint32_t hits = HITS(avx2, load8(p), load8(p + 8), tv);
-        if (hits) {
+        if (masks[at]) {
           add_candidates(state + at, cand_s + at * CAP * k, cand_r + at * CAP * k, k, tmp,
-                         p, hits, (int32_t)(b * RB));
+                         parked + at * RB, masks[at], (int32_t)(b * RB));
         }
       }
     }
@@ -343,6 +350,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   int32_t *cand_r = NULL;
   topk_state *state = NULL;
   float *tmp = NULL, *parked = NULL;
+  uint32_t *masks = NULL;
   int ok = qbuf != NULL;
   if (k == 1) {
     ok = ok && posix_memalign(&best_s, 32, nstate * 2 * sizeof(v8f)) == 0;
@@ -353,6 +361,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
     ok = ok && (state = malloc(nstate * sizeof(topk_state))) != NULL;
     ok = ok && (tmp = malloc(CAP * (size_t)k * sizeof(float))) != NULL;
     ok = ok && (parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float))) != NULL;
+    ok = ok && (masks = malloc((size_t)(num_dims * QB) * sizeof(uint32_t))) != NULL;
   }
   const v8f neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
                        -INFINITY, -INFINITY, -INFINITY, -INFINITY};
@@ -381,11 +390,11 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
         size_t off = (size_t)(t * num_dims * QB);
         if (k == 1) {
           tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, 1,
-                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, avx2);
+                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, NULL, avx2);
         } else {
           tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, k,
                     NULL, NULL, cand_s + off * CAP * (size_t)k,
-                    cand_r + off * CAP * (size_t)k, state + off, tmp, parked, avx2);
+                    cand_r + off * CAP * (size_t)k, state + off, tmp, parked, masks, avx2);
         }
       }
     }
@@ -438,6 +447,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   free(state);
   free(tmp);
   free(parked);
+  free(masks);
   return ok ? 0 : -1;
 }
 
@@ -459,14 +469,22 @@ __attribute__((target("avx2,fma"))) static int search_avx2(SEARCH_ARGS) {
 
 static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
 
+/* Queries per register tile: thread slices of whole tiles waste none. */
+int64_t mrl_knn_queries_per_tile(void) { return QB; }
+
 /* Rows per database block, for the caller's layout. */
 int64_t mrl_knn_rows_per_block(void) { return RB; }
+
+static int force_generic = 0;
+
+/* on != 0: run the baseline version even where AVX2 + FMA exist (tests). */
+void mrl_knn_force_generic(int on) { force_generic = on; }
 
 /* 1 if the AVX2 + FMA version runs on this CPU. */
 int mrl_knn_uses_avx2(void) {
 #ifdef HAVE_AVX2_VERSION
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return !force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return 0;
 #endif

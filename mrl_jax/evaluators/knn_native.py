@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
@@ -51,6 +52,8 @@ def _library():
                                  ptr, ptr, i64]
   lib.mrl_knn_rows_per_block.restype = i64
   lib.mrl_knn_uses_avx2.restype = ctypes.c_int
+  lib.mrl_knn_force_generic.argtypes = [ctypes.c_int]
+  lib.mrl_knn_queries_per_tile.restype = i64
   return lib
 
 
@@ -63,6 +66,17 @@ def uses_avx2() -> bool:
   """Whether the native search runs its AVX2 + FMA version on this CPU."""
   lib = _library()
   return bool(lib is not None and lib.mrl_knn_uses_avx2())
+
+
+@contextlib.contextmanager
+def generic_code():
+  """Within: the baseline-ISA version runs even where AVX2 + FMA exist (tests)."""
+  lib = _library()
+  lib.mrl_knn_force_generic(1)
+  try:
+    yield
+  finally:
+    lib.mrl_knn_force_generic(0)
 
 
 def _chunk_bounds(dims):
@@ -124,9 +138,10 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   if num_threads is None:
     num_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
-  # Slices of whole 4-query tiles, at least one tile each.
+  # Slices of whole query tiles, at least one tile each.
+  tile = int(lib.mrl_knn_queries_per_tile())
   per_thread = -(-num_q // max(1, int(num_threads)))
-  per_thread = -(-per_thread // 4) * 4
+  per_thread = -(-per_thread // tile) * tile
   starts = list(range(0, num_q, per_thread))
 
   def run(start):
