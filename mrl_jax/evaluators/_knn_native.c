@@ -469,6 +469,21 @@ __attribute__((target("avx2,fma"))) static int search_avx2(SEARCH_ARGS) {
 
 static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
 
+/* The database layout of the search: x [n, d] row-major -> xb [nblk, d, RB],
+ * rows transposed within each block of RB, the last block zero-padded. */
+void mrl_knn_pack_database(const float *x, int64_t n, int64_t d, float *xb) {
+  int64_t nblk = (n + RB - 1) / RB;
+  for (int64_t b = 0; b < nblk; b++) {
+    float *out = xb + b * d * RB;
+    int64_t rows = n - b * RB < RB ? n - b * RB : RB;
+    if (rows < RB) memset(out, 0, (size_t)(d * RB) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+      const float *row = x + (b * RB + r) * d;
+      for (int64_t f = 0; f < d; f++) out[f * RB + r] = row[f];
+    }
+  }
+}
+
 /* Queries per register tile: thread slices of whole tiles waste none. */
 int64_t mrl_knn_queries_per_tile(void) { return QB; }
 

@@ -54,6 +54,7 @@ def _library():
   lib.mrl_knn_uses_avx2.restype = ctypes.c_int
   lib.mrl_knn_force_generic.argtypes = [ctypes.c_int]
   lib.mrl_knn_queries_per_tile.restype = i64
+  lib.mrl_knn_pack_database.argtypes = [ptr, i64, i64, ptr]
   return lib
 
 
@@ -86,25 +87,27 @@ def _chunk_bounds(dims):
 
 def prefix_inv_norms(x: np.ndarray, dims: Sequence[int]) -> np.ndarray:
   """[n, d] -> [D, n] float32 1 / |x[:m]| per dim (floored like knn.py)."""
-  sq = np.stack([np.einsum("nf,nf->n", x[:, lo:hi], x[:, lo:hi], dtype=np.float64)
-                 for lo, hi in _chunk_bounds(dims)])
-  return (1.0 / np.sqrt(np.maximum(np.cumsum(sq, axis=0), _SQ_NORM_EPS))).astype(np.float32)
+  starts = [lo for lo, _ in _chunk_bounds(dims)]
+  sq = np.add.reduceat(np.square(x[:, :dims[-1]], dtype=np.float32), starts, axis=1)  # [n, D]
+  sq = np.cumsum(sq.T, axis=0, dtype=np.float64)
+  return (1.0 / np.sqrt(np.maximum(sq, _SQ_NORM_EPS))).astype(np.float32)
 
 
-def _prepared_database(database: np.ndarray, dims, db_mask: np.ndarray, rows_per_block: int):
+def _prepared_database(lib, database: np.ndarray, dims, db_mask: np.ndarray):
   """Blocks of rows, transposed within each block: xb [nblk, d, RB], xinv [nblk, D, RB].
 
   Padding rows and masked rows get inverse norm NaN, so they never score.
   """
   n, d = database.shape
+  rows_per_block = int(lib.mrl_knn_rows_per_block())
   nblk = max(1, -(-n // rows_per_block))
-  padded = np.zeros((nblk * rows_per_block, d), np.float32)
-  padded[:n] = database
-  xb = np.ascontiguousarray(padded.reshape(nblk, rows_per_block, d).transpose(0, 2, 1))
-  inv = prefix_inv_norms(padded, dims)
-  valid = np.zeros(nblk * rows_per_block, bool)
-  valid[:n] = db_mask
-  inv[:, ~valid] = np.nan
+  xb = np.empty((nblk, d, rows_per_block), np.float32)
+  if n:
+    lib.mrl_knn_pack_database(database.ctypes.data, n, d, xb.ctypes.data)
+  else:
+    xb[:] = 0.0
+  inv = np.full((len(dims), nblk * rows_per_block), np.nan, np.float32)
+  inv[:, :n] = np.where(db_mask, prefix_inv_norms(database, dims), np.float32(np.nan))
   xinv = np.ascontiguousarray(inv.reshape(len(dims), nblk, rows_per_block).transpose(1, 0, 2))
   return xb, xinv
 
@@ -126,7 +129,7 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   database = np.ascontiguousarray(database, np.float32)
   num_q, d = queries.shape
   num_dims = len(dims)
-  xb, xinv = _prepared_database(database, dims, db_mask, int(lib.mrl_knn_rows_per_block()))
+  xb, xinv = _prepared_database(lib, database, dims, db_mask)
   bounds = np.asarray((0, *dims), np.int32)
   rows_per_block = xb.shape[2]
   db_run = max(1, _DB_RUN_BYTES // (4 * d * rows_per_block))
