@@ -26,6 +26,19 @@ cost about what the full one does; the excess is the per-prefix B x B
 elementwise work (exp, log-sum-exp sums or softplus, the cotangent of the
 dots and the row / column sums for the norm gradients), roughly 0.07 of
 the full loss per prefix.
+
+A later run on the same VM with little other load (the full loss faster:
+44.7 ms at B = 1024 instead of ~80) gave larger ratios, since the excess
+does not shrink with the matmul: chunked / full 2.20 (softmax) and 1.54
+(sigmoid) at B = 1024, 1.98 and 1.77 at B = 4096; naive 2.7-3.5. Measured
+pieces at B = 4096 (one process, medians of 5): the seven chunk matmuls'
+forward alone, each writing its own B x B partial sum, 551 ms against 198 ms
+for the one full matmul; their backward 605 ms against 381 ms. A prototype
+that tiles the forward over 256-row blocks of x (chunk matmuls, exps and row
+/ column sums per tile, nothing B x B stored) still took 317 ms, 1.6 times
+the full forward, before any backward: on XLA:CPU the small-K chunk matmuls
+do not reach the full matmul's FLOP rate, so <= 1.3 needs a fused kernel
+(or an accelerator, where it is yet to be measured).
 """
 import statistics
 import time

@@ -2,49 +2,71 @@ r"""Exact kNN at every eval dim vs FAISS `IndexFlatIP` at the full dim alone.
 
   pip install faiss-cpu   # or: pip install -e '.[bench]'
   JAX_PLATFORMS=cpu python benchmarks/knn.py
+  JAX_PLATFORMS=cpu python benchmarks/knn.py --dims=64 --backends=native,xla --nofunnel
   JAX_PLATFORMS=cpu python benchmarks/knn.py --num_db=6000 --num_queries=1000 --reps=1
 
 For each embedding size d and each k, on the same L2-normalised random
 vectors (--num_db database rows, --num_queries queries), times
 
   ours   `knn.knn_search` at all eval dims, eval_dims(nesting_dims(d)):
-         7 dims for d = 64, 13 for d = 512 (one streamed pass, exact top-k)
+         7 dims for d = 64, 13 for d = 512 (one pass, exact top-k), with
+         each backend of --backends: 'native' (the C search, what
+         backend='auto' runs on a CPU) and/or 'xla' (the XLA program that
+         accelerators run)
   faiss  `faiss.IndexFlatIP(d).search` at the full dim only (exact)
 
 and prints both times and ours / faiss. With --funnel (default on), for each d
 it also times `adaptive.funnel_search` with the funnel
-[(d/8, 200), (d/4, 100), (d/2, 50), (d, 10)] (k = 10) against ours exact at
+[(d/8, 200), (d/4, 100), (d/2, 50), (d, k)] (k = 10) against ours exact at
 the full dim alone (`knn.knn_search` at [d], k = 10), and prints funnel /
 exact time, the MFLOPs ratio (`adaptive.funnel_mflops`) and the fraction of
 the exact top-10 the funnel returns. Timings are medians over --reps runs
-after one warm-up run (which also compiles ours); the two are run in turn
-within each rep, so load from other processes hits them alike. Both use every
-core: XLA's CPU thread pool and FAISS's OpenMP threads. The fraction of
-FAISS's top-k that ours returns at the full dim is printed as a check (exact
-ties and last-bit float differences may reorder a few).
+after one warm-up run (which also compiles ours); the variants are run in
+turn within each rep, so load from other processes hits them alike. All use
+every core: the native search's threads, XLA's CPU thread pool and FAISS's
+OpenMP threads. The fraction of FAISS's top-k that ours returns at the full
+dim is printed as a check (exact ties and last-bit float differences may
+reorder a few).
 
-Measured on a shared 2-core AMD EPYC VM (CPU, float32, faiss-cpu 1.15.1), the
-defaults (--reps=3):
+Measured on a shared 2-core AMD EPYC VM (AVX2, CPU, float32, faiss-cpu
+1.15.1), defaults (--reps=3), native backend:
 
-  d=  64 k=  1: ours  7 dims   10.01 s | faiss 1 dim    4.15 s | ours / faiss  2.41
-  d=  64 k=100: ours  7 dims   27.45 s | faiss 1 dim    5.91 s | ours / faiss  4.65
-  d= 512 k=  1: ours 13 dims   40.61 s | faiss 1 dim   19.22 s | ours / faiss  2.11
-  d= 512 k=100: ours 13 dims   74.19 s | faiss 1 dim   20.88 s | ours / faiss  3.55
+  d=  64 k=  1: ours (native)  7 dims    0.85 s | faiss 1 dim    1.26 s | ours / faiss  0.67
+  d=  64 k=100: ours (native)  7 dims    1.98 s | faiss 1 dim    1.24 s | ours / faiss  1.59
+  d= 512 k=  1: ours (native) 13 dims    5.08 s | faiss 1 dim    4.12 s | ours / faiss  1.23
+  d= 512 k=100: ours (native) 13 dims    8.07 s | faiss 1 dim    4.41 s | ours / faiss  1.83
 
-Other processes shared the machine; with it quieter, k = 100 at d = 64 and
-1,000 queries measured 2.1 s vs 0.74 s (2.8). Where the time goes: the
-module docstring of mrl_jax/evaluators/knn.py.
+Other runs on the same machine, minutes apart, gave 0.75-0.95 (d = 64,
+k = 1), 1.59-2.16 (d = 64, k = 100), 1.23-1.50 (d = 512, k = 1) and
+1.77-1.83 (d = 512, k = 100). The native search and the XLA program side by
+side (`--dims=64 --backends=native,xla --nofunnel`):
 
-Funnel, same machine, `--num_db=60000 --num_queries=1000 --reps=1 --ks=10`:
+  d=  64 k=  1: ours (native)  7 dims    0.86 s | faiss 1 dim    0.90 s | ours / faiss  0.95
+  d=  64 k=  1: ours (xla   )  7 dims    3.49 s | faiss 1 dim    0.90 s | ours / faiss  3.88
+  d=  64 k=100: ours (native)  7 dims    2.11 s | faiss 1 dim    0.98 s | ours / faiss  2.16
+  d=  64 k=100: ours (xla   )  7 dims   17.13 s | faiss 1 dim    0.98 s | ours / faiss 17.54
 
-  d=  64: funnel 0.50 s | ours exact 1 dim 0.58 s | time 0.85, MFLOPs 0.979 / 7.68 = 0.1275
-  d= 512: funnel 1.34 s | ours exact 1 dim 2.54 s | time 0.53, MFLOPs 7.83 / 61.4 = 0.1275
+For k = 1 the native search keeps, per (dim, query), the best score and row
+lane-wise in vector registers, so each extra dim costs a multiply, a compare,
+a max and a blend per 8 scores. For k = 100 each of the D x Q top-k lists
+takes about k ln(N / k) candidates (~1,100 here), and appending them and
+cutting the buffers back costs ~30 us per list: FAISS pays about as much per
+query for its one heap, we pay it D times. Where the time goes in the XLA
+program: the module docstring of mrl_jax/evaluators/knn.py.
 
-The time saved is well short of the FLOPs saved: the first stage's top-200
-(`lax.top_k`, see knn.py) and the NumPy gathers of the re-ranked rows cost
-more than their FLOPs; at 6,000 rows the funnel is slower than exact search.
-Random vectors have no Matryoshka structure, so the funnel recovers only ~5 %
-of their exact top-10: the recall figure is meaningful on trained embeddings.
+Funnel, same machine, defaults:
+
+  d=  64: funnel 1.09 s | ours exact 1 dim 0.64 s | time 1.71, MFLOPs 0.979 / 7.68 = 0.1275
+  d= 512: funnel 2.88 s | ours exact 1 dim 6.00 s | time 0.48, MFLOPs 7.83 / 61.4 = 0.1275
+
+The time saved is well short of the FLOPs saved: the first stage is a
+top-200 search (its candidate lists cost as above) and the later stages are
+NumPy gathers of the re-ranked rows; at d = 64 the funnel is slower than the
+exact native search. (The d = 512 exact figure was taken while the machine
+was loaded: alone, the exact single-dim search of 2,000 queries took about
+what 1-NN at all 13 dims takes.) Random vectors have no Matryoshka structure,
+so the funnel recovers only ~5 % of their exact top-10: the recall figure is
+meaningful on trained embeddings.
 """
 import functools
 import statistics

@@ -33,16 +33,9 @@
 #define HAVE_AVX2_VERSION 1
 #endif
 
-#ifndef QB
-#define QB 4  /* queries per register tile */
-#endif
-#ifndef CAP
-#define CAP 2 /* candidate buffer entries per k */
-#endif
-#ifndef KEEP_RANK
-#define KEEP_RANK 18
-#endif
+#define QB 4  /* queries per register tile (4 x 2 accumulator vectors) */
 #define RB 16 /* database rows per block: two vectors of 8 */
+#define CAP 2 /* candidate buffer entries per k (cut_buffer assumes 2) */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -91,12 +84,14 @@ __attribute__((target("avx2,fma"))) static inline v8i select_avx2(v8i m, v8i a, 
 #endif
 
 /* ---------------------------------------------------------------------- */
-/* Top-k for k > 1: a candidate buffer of 2k entries per (dim, query).    */
-/* Scores above the threshold are appended; a full buffer is cut back to  */
-/* its best k by quickselect and the threshold becomes the k-th best      */
-/* score. Appending costs O(1) and a cut O(k) per k candidates, so the    */
-/* work per (dim, query) is O(candidates): a heap would pay O(log k) per  */
-/* candidate, and with one top-k per dim that is where the time would go. */
+/* Top-k for k > 1: a candidate buffer of CAP * k entries per (dim,       */
+/* query). Scores above the threshold are appended in row order; a full   */
+/* buffer is cut back (cut_buffer) to the entries at or above a new       */
+/* threshold that at least k of them reach. Appending costs O(1) and a    */
+/* cut O(k) per ~k candidates, so the work per (dim, query) is            */
+/* O(candidates), about k ln(N / k) of them: a heap would pay O(log k)    */
+/* per candidate, and with one top-k per dim that is where the time goes. */
+/* The final top-k is an exact cut (cut_exact) and a sort.                */
 /* Order: higher score first, then lower row (rows are unique, so this is */
 /* a strict total order).                                                 */
 /* ---------------------------------------------------------------------- */
@@ -227,7 +222,7 @@ static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tm
   st->thr = t;
 }
 
-/* A full buffer (2k entries) cut back to between k and ~1.3k entries: the
+/* A full buffer (2k entries) cut back to between k and ~1.2k entries: the
  * threshold t is read off a sorted sample of the scores so that about 60%
  * of them are >= t, checked by counting; every entry >= t is kept. Any t
  * with at least k entries >= t is a valid threshold (it is at most the
@@ -238,7 +233,7 @@ static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *t
   int64_t n = st->count;
   float sample[SAMPLE];
   for (int a = 0; a < SAMPLE; a++) sample[a] = s[(int64_t)a * n / SAMPLE];
-  for (int rank = KEEP_RANK; rank < SAMPLE; rank += 6) {
+  for (int rank = 18; rank < SAMPLE; rank += 6) { /* ~60% of them, then ~80% */
     float t = kth_largest(sample, SAMPLE, rank + 1);
     int64_t at_least = 0;
     for (int64_t i = 0; i < n; i++) at_least += s[i] >= t;
@@ -275,7 +270,7 @@ static void add_candidates(topk_state *st, float *cs, int32_t *cr, int64_t k,
 /* One register tile (QB queries) against database blocks [b0, b1).
  * k == 1: the best score and row per (dim, query, lane), kept lane-wise in
  * best_s / best_i [D][QB][2] vectors (no branch per score). k > 1: the
- * candidate buffers cand_s / cand_r [D][QB][2k] and their states [D][QB];
+ * candidate buffers cand_s / cand_r [D][QB][CAP * k] and their states [D][QB];
  * a block's scores are parked in `parked` [D][QB][RB] with the lanes that
  * beat the threshold in `masks` [D][QB], and handed to the buffers after
  * the block, so that no call is made while the accumulators are live. */
