@@ -33,6 +33,7 @@ _SQ_NORM_EPS = 1e-24
 # run of blocks (each run is swept by every query tile of the pass).
 _QUERY_BLOCK = 512
 _DB_RUN_BYTES = 128 << 10
+_BUFFER_BYTES = 64 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,12 +148,17 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   per_thread = -(-per_thread // tile) * tile
   starts = list(range(0, num_q, per_thread))
 
+  # Candidate buffers (2k entries of 8 bytes per dim and query) of one pass
+  # stay under _BUFFER_BYTES per thread: large k makes the passes smaller.
+  query_block = _QUERY_BLOCK if k == 1 else int(np.clip(
+      _BUFFER_BYTES // (16 * k * num_dims), tile, _QUERY_BLOCK))
+
   def run(start):
     count = min(num_q, start + per_thread) - start
     q = queries[start:]
     status = lib.mrl_knn_search(
         q.ctypes.data, count, d, xb.ctypes.data, xinv.ctypes.data, xb.shape[0],
-        bounds.ctypes.data, num_dims, k, _QUERY_BLOCK, db_run,
+        bounds.ctypes.data, num_dims, k, query_block, db_run,
         scores[:, start:].ctypes.data, indices[:, start:].ctypes.data, num_q)
     if status != 0:
       raise MemoryError(f"native kNN search: out of memory ({count} queries, k={k}).")
