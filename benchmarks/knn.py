@@ -54,17 +54,17 @@ cutting the buffers back costs ~30 us per list: FAISS pays about as much per
 query for its one heap, we pay it D times. Where the time goes in the XLA
 program: the module docstring of mrl_jax/evaluators/knn.py.
 
-Funnel, same machine, defaults:
+Funnel, same machine, `--ks=1` (the re-ranking stages run natively too,
+`knn_native.rerank`):
 
-  d=  64: funnel 1.09 s | ours exact 1 dim 0.64 s | time 1.71, MFLOPs 0.979 / 7.68 = 0.1275
-  d= 512: funnel 2.88 s | ours exact 1 dim 6.00 s | time 0.48, MFLOPs 7.83 / 61.4 = 0.1275
+  d=  64: funnel 0.66 s | ours exact 1 dim 0.67 s | time 0.99, MFLOPs 0.979 / 7.68 = 0.1275
+  d= 512: funnel 1.48 s | ours exact 1 dim 4.22 s | time 0.35, MFLOPs 7.83 / 61.4 = 0.1275
 
-The time saved is well short of the FLOPs saved: the first stage is a
-top-200 search (its candidate lists cost as above) and the later stages are
-NumPy gathers of the re-ranked rows; at d = 64 the funnel is slower than the
-exact native search. (The d = 512 exact figure was taken while the machine
-was loaded: alone, the exact single-dim search of 2,000 queries took about
-what 1-NN at all 13 dims takes.) Random vectors have no Matryoshka structure,
+(With the re-ranking stages in NumPy the same funnels measured 1.71 and
+0.48.) The time saved is well short of the FLOPs saved: the first stage is
+a top-200 search, whose candidate lists cost as above, and at d = 64 the
+exact search is itself only 64 multiply-adds per score.
+Random vectors have no Matryoshka structure,
 so the funnel recovers only ~5 % of their exact top-10: the recall figure is
 meaningful on trained embeddings.
 """

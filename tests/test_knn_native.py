@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from mrl_jax.evaluators import adaptive
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import knn_native
 from tests import knn_reference
@@ -142,3 +143,31 @@ def test_scores_packed_near_every_threshold():
         indices[0], axis=1)
     np.testing.assert_allclose(exact, scores[0], rtol=0, atol=3e-7)
     assert all(len(set(row)) == k for row in indices[0])
+
+
+def test_funnel_rerank_matches_the_numpy_rerank():
+  rng = np.random.default_rng(6)
+  database = rng.normal(size=(500, 32)).astype(np.float32)
+  database[40] = 4.0 * database[7]  # an exact tie (scaled by a power of 2) with a lower row
+  queries = rng.normal(size=(13, 32)).astype(np.float32)
+  shortlist = np.stack([rng.permutation(500)[:60] for _ in range(13)]).astype(np.int32)
+  shortlist[:, :2] = [40, 7]
+  for m, size in ((8, 10), (32, 60)):
+    ours = knn_native.rerank(queries, database, shortlist, m, size, num_threads=3)
+    np.testing.assert_array_equal(ours, adaptive._rerank(  # pylint: disable=protected-access
+        queries, database, shortlist, m, size))
+  # Empty shortlist slots (-1) are skipped; slots past the valid rows are -1.
+  short = np.full((2, 5), -1, np.int32)
+  short[:, :2] = [[3, 9], [9, 3]]
+  out = knn_native.rerank(queries[:2], database, short, 32, 4)
+  assert (out[:, 2:] == -1).all() and set(out[0, :2]) == {3, 9}
+
+
+def test_funnel_is_the_same_on_both_backends():
+  rng = np.random.default_rng(7)
+  database = rng.normal(size=(800, 16)).astype(np.float32)
+  queries = rng.normal(size=(21, 16)).astype(np.float32)
+  stages = [(4, 100), (8, 30), (16, 5)]
+  np.testing.assert_array_equal(
+      adaptive.funnel_search(queries, database, stages, 5, backend="native"),
+      adaptive.funnel_search(queries, database, stages, 5, backend="xla"))

@@ -464,6 +464,46 @@ __attribute__((target("avx2,fma"))) static int search_avx2(SEARCH_ARGS) {
 
 static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
 
+/* Re-ranking for funnel search: for each query, the rows of its shortlist
+ * [K] (-1 = none) scored by cosine at prefix dim m (the query's norm left
+ * out: it does not change the ranking), best `size` of them into out
+ * [nq, size], ties to the lower row, -1 past the valid rows. x is the
+ * database [n, d] row-major; s / r are caller scratch of K entries. */
+static void rerank_query(const float *qv, const float *x, int64_t d, const int32_t *rows,
+                         int64_t num_rows, int64_t m, int64_t size, float *s, int32_t *r,
+                         int32_t *out) {
+  int64_t n = 0;
+  for (int64_t c = 0; c < num_rows; c++) {
+    if (rows[c] < 0) continue;
+    const float *xr = x + (int64_t)rows[c] * d;
+    float dot = 0.0f, sq = 0.0f;
+    for (int64_t f = 0; f < m; f++) {
+      dot += qv[f] * xr[f];
+      sq += xr[f] * xr[f];
+    }
+    s[n] = dot / sqrtf(sq > 1e-24f ? sq : 1e-24f);
+    r[n] = rows[c];
+    n++;
+  }
+  sort_entries(s, r, 0, n);
+  for (int64_t a = 0; a < size; a++) out[a] = a < n ? r[a] : -1;
+}
+
+int mrl_knn_rerank(const float *q, int64_t nq, int64_t d, const float *x,
+                   const int32_t *shortlist, int64_t num_rows, int64_t m, int64_t size,
+                   int32_t *out) {
+  float *s = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(float));
+  int32_t *r = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(int32_t));
+  int ok = s != NULL && r != NULL;
+  for (int64_t i = 0; ok && i < nq; i++) {
+    rerank_query(q + i * d, x, d, shortlist + i * num_rows, num_rows, m, size, s, r,
+                 out + i * size);
+  }
+  free(s);
+  free(r);
+  return ok ? 0 : -1;
+}
+
 /* The database layout of the search: x [n, d] row-major -> xb [nblk, d, RB],
  * rows transposed within each block of RB, the last block zero-padded. */
 void mrl_knn_pack_database(const float *x, int64_t n, int64_t d, float *xb) {

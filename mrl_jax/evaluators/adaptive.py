@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from mrl_jax.evaluators import knn
+from mrl_jax.evaluators import knn_native
 from mrl_jax.evaluators import retrieval
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -371,8 +372,15 @@ def funnel_search(queries, database, stages, k: int, *, field: str = "stages",
   (d0, k0), rest = stages[0], stages[1:]
   _, shortlist = knn.knn_search(queries, database, [d0], k0, **search_kwargs)
   shortlist = shortlist[0]
+  # The re-ranking runs where the search did: native code on CPU hosts.
+  native = knn._use_native(search_kwargs.get("backend", "auto"),  # pylint: disable=protected-access
+                           search_kwargs.get("mesh"))
   for m, size in rest:
-    shortlist = _rerank(queries, database, shortlist, m, size)
+    if native:
+      shortlist = knn_native.rerank(queries, database, shortlist, m, size,
+                                    num_threads=search_kwargs.get("num_threads"))
+    else:
+      shortlist = _rerank(queries, database, shortlist, m, size)
   return shortlist[:, :int(k)]
 
 

@@ -56,6 +56,8 @@ def _library():
   lib.mrl_knn_force_generic.argtypes = [ctypes.c_int]
   lib.mrl_knn_queries_per_tile.restype = i64
   lib.mrl_knn_pack_database.argtypes = [ptr, i64, i64, ptr]
+  lib.mrl_knn_rerank.restype = ctypes.c_int
+  lib.mrl_knn_rerank.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr]
   return lib
 
 
@@ -113,6 +115,54 @@ def _prepared_database(lib, database: np.ndarray, dims, db_mask: np.ndarray):
   return xb, xinv
 
 
+def _on_threads(fn, num_q: int, num_threads: int | None, unit: int = 1):
+  """fn(start, count) over slices of [0, num_q) (whole `unit`s), one per thread.
+
+  ctypes releases the GIL for each library call, so the slices run in
+  parallel.
+  """
+  if num_threads is None:
+    num_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+  per_thread = -(-num_q // max(1, int(num_threads)))
+  per_thread = -(-per_thread // unit) * unit
+  slices = [(start, min(num_q, start + per_thread) - start)
+            for start in range(0, num_q, per_thread)]
+  if len(slices) <= 1:
+    for start, count in slices:
+      fn(start, count)
+    return
+  with concurrent.futures.ThreadPoolExecutor(len(slices)) as pool:
+    list(pool.map(lambda sl: fn(*sl), slices))
+
+
+def rerank(queries: np.ndarray, database: np.ndarray, shortlist: np.ndarray, m: int,
+           size: int, *, num_threads: int | None = None) -> np.ndarray:
+  """The best `size` rows of each query's shortlist [Q, K] by cosine at dim m: [Q, size].
+
+  Ties go to the lower row; shortlist entries -1 (no row) are skipped and
+  slots past the valid rows are -1. The funnel's re-ranking stages
+  (`adaptive.funnel_search`).
+  """
+  lib = _library()
+  queries = np.ascontiguousarray(queries, np.float32)
+  database = np.ascontiguousarray(database, np.float32)
+  shortlist = np.ascontiguousarray(shortlist, np.int32)
+  num_q, d = queries.shape
+  out = np.empty((num_q, int(size)), np.int32)
+
+  def run(start, count):
+    status = lib.mrl_knn_rerank(
+        queries[start:].ctypes.data, count, d, database.ctypes.data,
+        shortlist[start:].ctypes.data, shortlist.shape[1], int(m), int(size),
+        out[start:].ctypes.data)
+    if status != 0:
+      raise MemoryError("native funnel re-ranking: out of memory.")
+
+  _on_threads(run, num_q, num_threads)
+  return out
+
+
 def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: int,
            db_mask: np.ndarray, *, num_threads: int | None = None):
   """Exact top-k at every dim; the contract of `knn.knn_search` (checked there).
@@ -139,35 +189,22 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   if num_q == 0:
     return scores, indices
 
-  if num_threads is None:
-    num_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
-  # Slices of whole query tiles, at least one tile each.
   tile = int(lib.mrl_knn_queries_per_tile())
-  per_thread = -(-num_q // max(1, int(num_threads)))
-  per_thread = -(-per_thread // tile) * tile
-  starts = list(range(0, num_q, per_thread))
 
   # Candidate buffers (2k entries of 8 bytes per dim and query) of one pass
   # stay under _BUFFER_BYTES per thread: large k makes the passes smaller.
   query_block = _QUERY_BLOCK if k == 1 else int(np.clip(
       _BUFFER_BYTES // (16 * k * num_dims), tile, _QUERY_BLOCK))
 
-  def run(start):
-    count = min(num_q, start + per_thread) - start
-    q = queries[start:]
+  def run(start, count):
     status = lib.mrl_knn_search(
-        q.ctypes.data, count, d, xb.ctypes.data, xinv.ctypes.data, xb.shape[0],
-        bounds.ctypes.data, num_dims, k, query_block, db_run,
+        queries[start:].ctypes.data, count, d, xb.ctypes.data, xinv.ctypes.data,
+        xb.shape[0], bounds.ctypes.data, num_dims, k, query_block, db_run,
         scores[:, start:].ctypes.data, indices[:, start:].ctypes.data, num_q)
     if status != 0:
       raise MemoryError(f"native kNN search: out of memory ({count} queries, k={k}).")
 
-  if len(starts) == 1:
-    run(0)
-  else:
-    with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:
-      list(pool.map(run, starts))
+  _on_threads(run, num_q, num_threads, tile)
   # The kernel ranks by <q, x> / |x|; dividing by |q[:m]| makes cosines.
   scores *= prefix_inv_norms(queries, dims)[:, :, None]
   return scores, indices
