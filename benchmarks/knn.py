@@ -63,10 +63,9 @@ Funnel, same machine, `--ks=1` (the re-ranking stages run natively too,
 (With the re-ranking stages in NumPy the same funnels measured 1.71 and
 0.48.) The time saved is well short of the FLOPs saved: the first stage is
 a top-200 search, whose candidate lists cost as above, and at d = 64 the
-exact search is itself only 64 multiply-adds per score.
-Random vectors have no Matryoshka structure,
-so the funnel recovers only ~5 % of their exact top-10: the recall figure is
-meaningful on trained embeddings.
+exact search is itself only 64 multiply-adds per score. Random vectors have
+no Matryoshka structure, so the funnel recovers only ~5 % of their exact
+top-10: the recall figure is meaningful on trained embeddings.
 """
 import functools
 import statistics
