@@ -250,22 +250,54 @@ static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *t
 /* ---------------------------------------------------------------------- */
 /* The search.                                                            */
 /* ---------------------------------------------------------------------- */
-/* Appends the rows of one block that beat a (dim, query)'s threshold, in
- * row order, cutting the buffer whenever it fills. */
-static void add_candidates(topk_state *st, float *cs, int32_t *cr, int64_t k,
-                           float *tmp, const float *scores, uint32_t hits,
-                           int32_t first_row) {
-  do {
-    int l = __builtin_ctz(hits);
-    hits &= hits - 1;
-    float v = scores[l];
-    if (v > st->thr) { /* the threshold may have risen since */
-      cs[st->count] = v;
-      cr[st->count] = first_row + l;
-      if (++st->count == CAP * k) cut_buffer(st, cs, cr, k, tmp);
-    }
-  } while (hits);
+/* Appends the lanes of `s` set in `m` (8 bits), with their rows, at
+ * buf[count...] in lane order: a compress-store through a permutation
+ * table on AVX2 (no branch per lane), else lane by lane. May write up to 8
+ * entries past the new count, which the buffers leave room for (BUF). */
+INLINE void append_generic(float *cs, int32_t *cr, int32_t *count, const float *s,
+                           int32_t first_row, uint32_t m) {
+  while (m) {
+    int l = __builtin_ctz(m);
+    m &= m - 1;
+    cs[*count] = s[l];
+    cr[*count] = first_row + l;
+    ++*count;
+  }
 }
+
+#ifdef HAVE_AVX2_VERSION
+__attribute__((target("avx2,fma"))) static inline void append_avx2(
+    float *cs, int32_t *cr, int32_t *count, const float *s, int32_t first_row,
+    uint32_t m, const int32_t *perm) {
+  __m256i idx = _mm256_loadu_si256((const __m256i *)(perm + 8 * m));
+  __m256i rows = _mm256_add_epi32(_mm256_set1_epi32(first_row),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_storeu_ps(cs + *count, _mm256_permutevar8x32_ps(_mm256_loadu_ps(s), idx));
+  _mm256_storeu_si256((__m256i *)(cr + *count), _mm256_permutevar8x32_epi32(rows, idx));
+  *count += __builtin_popcount(m);
+}
+#define APPEND(avx2, cs, cr, count, s, first_row, m, perm)                   \
+  ((avx2) ? append_avx2(cs, cr, count, s, first_row, m, perm)                \
+          : append_generic(cs, cr, count, s, first_row, m))
+#else
+#define APPEND(avx2, cs, cr, count, s, first_row, m, perm) \
+  append_generic(cs, cr, count, s, first_row, m)
+#endif
+
+/* perm[8 m + i] = the lane of the i-th set bit of m (m < 256). */
+static void fill_permutations(int32_t *perm) {
+  for (int m = 0; m < 256; m++) {
+    int n = 0;
+    for (int l = 0; l < 8; l++) {
+      if (m >> l & 1) perm[8 * m + n++] = l;
+    }
+    while (n < 8) perm[8 * m + n++] = 0;
+  }
+}
+
+/* Candidate buffer entries per (dim, query): CAP * k, plus room for the
+ * 16 rows of one block and a vector store past them. */
+#define BUF(k) ((size_t)CAP * (size_t)(k) + 32)
 
 /* One register tile (QB queries) against database blocks [b0, b1).
  * k == 1: the best score and row per (dim, query, lane), kept lane-wise in
@@ -279,7 +311,7 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
                       const int32_t *bounds, int64_t num_dims, int64_t k,
                       v8f *best_s, v8i *best_i, float *cand_s, int32_t *cand_r,
                       topk_state *state, float *tmp, float *parked,
-                      uint32_t *masks, int avx2) {
+                      uint32_t *masks, const int32_t *perm, int avx2) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t b = b0; b < b1; b++) {
     const float *xbb = xb + b * d * RB;
@@ -322,11 +354,17 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
       }
     }
     if (any) { /* some score beat its threshold: rarer as the lists fill */
+      const int32_t full = (int32_t)(CAP * k);
       for (int64_t at = 0; at < num_dims * QB; at++) {
-        if (masks[at]) {
-          add_candidates(state + at, cand_s + at * CAP * k, cand_r + at * CAP * k, k, tmp,
-                         parked + at * RB, masks[at], (int32_t)(b * RB));
-        }
+        uint32_t h = masks[at];
+        if (!h) continue;
+        topk_state *st = state + at;
+        float *cs = cand_s + (size_t)at * BUF(k);
+        int32_t *cr = cand_r + (size_t)at * BUF(k);
+        APPEND(avx2, cs, cr, &st->count, parked + at * RB, (int32_t)(b * RB), h & 0xff, perm);
+        APPEND(avx2, cs, cr, &st->count, parked + at * RB + 8, (int32_t)(b * RB + 8), h >> 8,
+               perm);
+        if (st->count >= full) cut_buffer(st, cs, cr, k, tmp);
       }
     }
   }
@@ -346,15 +384,18 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   topk_state *state = NULL;
   float *tmp = NULL, *parked = NULL;
   uint32_t *masks = NULL;
+  int32_t *perm = NULL;
   int ok = qbuf != NULL;
   if (k == 1) {
     ok = ok && posix_memalign(&best_s, 32, nstate * 2 * sizeof(v8f)) == 0;
     ok = ok && posix_memalign(&best_i, 32, nstate * 2 * sizeof(v8i)) == 0;
   } else {
-    ok = ok && (cand_s = malloc(nstate * CAP * (size_t)k * sizeof(float))) != NULL;
-    ok = ok && (cand_r = malloc(nstate * CAP * (size_t)k * sizeof(int32_t))) != NULL;
+    ok = ok && (cand_s = malloc(nstate * BUF(k) * sizeof(float))) != NULL;
+    ok = ok && (cand_r = malloc(nstate * BUF(k) * sizeof(int32_t))) != NULL;
     ok = ok && (state = malloc(nstate * sizeof(topk_state))) != NULL;
-    ok = ok && (tmp = malloc(CAP * (size_t)k * sizeof(float))) != NULL;
+    ok = ok && (tmp = malloc(BUF(k) * sizeof(float))) != NULL;
+    ok = ok && (perm = malloc(256 * 8 * sizeof(int32_t))) != NULL;
+    if (ok) fill_permutations(perm);
     ok = ok && (parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float))) != NULL;
     ok = ok && (masks = malloc((size_t)(num_dims * QB) * sizeof(uint32_t))) != NULL;
   }
@@ -385,11 +426,11 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
         size_t off = (size_t)(t * num_dims * QB);
         if (k == 1) {
           tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, 1,
-                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, NULL, avx2);
+                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, NULL, NULL, avx2);
         } else {
           tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, k,
-                    NULL, NULL, cand_s + off * CAP * (size_t)k,
-                    cand_r + off * CAP * (size_t)k, state + off, tmp, parked, masks, avx2);
+                    NULL, NULL, cand_s + off * BUF(k), cand_r + off * BUF(k), state + off,
+                    tmp, parked, masks, perm, avx2);
         }
       }
     }
@@ -417,8 +458,8 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
             os[0] = bs;
             oi[0] = bi;
           } else {
-            float *cs = cand_s + st * CAP * (size_t)k;
-            int32_t *cr = cand_r + st * CAP * (size_t)k;
+            float *cs = cand_s + st * BUF(k);
+            int32_t *cr = cand_r + st * BUF(k);
             int64_t cnt = state[st].count;
             if (cnt > k) {
               cut_exact(&state[st], cs, cr, k, tmp);
@@ -443,6 +484,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   free(tmp);
   free(parked);
   free(masks);
+  free(perm);
   return ok ? 0 : -1;
 }
 
