@@ -51,9 +51,10 @@ For k = 1 the native search keeps, per (dim, query), the best score and row
 lane-wise in vector registers, so each extra dim costs a multiply, a compare,
 a max and a blend per 8 scores. For k = 100 each of the D x Q top-k lists
 takes about k ln(N / k) candidates (~1,100 here), and appending them and
-cutting the buffers back costs ~30 us per list: FAISS pays as much or more per
-query for its one heap (its k = 100 time minus its k = 1 time), we pay it D times. Where the time goes in the XLA
-program: the module docstring of mrl_jax/evaluators/knn.py.
+cutting the buffers back costs ~30 us per list: FAISS pays as much or more
+per query for its one heap (its k = 100 time minus its k = 1 time), we pay
+it D times. Where the time goes in the XLA program: the module docstring of
+mrl_jax/evaluators/knn.py.
 
 Funnel, same machine, the defaults run above (the re-ranking stages run
 natively too, `knn_native.rerank`):
