@@ -99,51 +99,67 @@ INLINE int better(float sa, int32_t ia, float sb, int32_t ib) {
   return sa > sb || (sa == sb && ia < ib);
 }
 
-INLINE void swap_entry(float *s, int32_t *r, int64_t a, int64_t b) {
-  float ts = s[a];
-  int32_t tr = r[a];
-  s[a] = s[b];
-  r[a] = r[b];
-  s[b] = ts;
-  r[b] = tr;
+/* (score, row) as one unsigned key that sorts ascending in the order
+ * above: the score's bits made monotonic and inverted, then the row. */
+INLINE uint64_t entry_key(float score, int32_t row) {
+  uint32_t u;
+  score += 0.0f; /* -0 -> +0: equal scores, equal keys but for the row */
+  memcpy(&u, &score, sizeof(u));
+  u = (u & 0x80000000u) ? ~u : u | 0x80000000u; /* ascending with the score */
+  return (uint64_t)(~u) << 32 | (uint32_t)row;
 }
 
-/* Median-of-three pivot into lo, then a Lomuto partition of [lo, hi):
- * returns p with [lo, p) better than the pivot, which lands at p. */
-static int64_t partition(float *s, int32_t *r, int64_t lo, int64_t hi) {
-  int64_t mid = lo + (hi - lo) / 2, last = hi - 1;
-  if (better(s[mid], r[mid], s[lo], r[lo])) swap_entry(s, r, mid, lo);
-  if (better(s[last], r[last], s[lo], r[lo])) swap_entry(s, r, last, lo);
-  if (better(s[last], r[last], s[mid], r[mid])) swap_entry(s, r, last, mid);
-  swap_entry(s, r, lo, mid); /* the median is the pivot */
-  float ps = s[lo];
-  int32_t pr = r[lo];
-  int64_t p = lo;
-  for (int64_t a = lo + 1; a < hi; a++) {
-    if (better(s[a], r[a], ps, pr)) swap_entry(s, r, ++p, a);
-  }
-  swap_entry(s, r, lo, p);
-  return p;
-}
-
-/* Sorts [lo, hi) best first. */
-static void sort_entries(float *s, int32_t *r, int64_t lo, int64_t hi) {
-  while (hi - lo > 16) {
-    int64_t p = partition(s, r, lo, hi);
-    if (p - lo < hi - p - 1) { sort_entries(s, r, lo, p); lo = p + 1; }
-    else { sort_entries(s, r, p + 1, hi); hi = p; }
-  }
-  for (int64_t a = lo + 1; a < hi; a++) { /* insertion sort */
-    float ts = s[a];
-    int32_t tr = r[a];
-    int64_t b = a - 1;
-    while (b >= lo && better(ts, tr, s[b], r[b])) {
-      s[b + 1] = s[b];
-      r[b + 1] = r[b];
-      b--;
+/* Sorts keys ascending: quicksort with branchless partitions (keys are
+ * unique) and insertion sort below 16. */
+static void sort_keys(uint64_t *a, int64_t n) {
+  while (n > 16) {
+    uint64_t x = a[0], y = a[n / 2], z = a[n - 1];
+    uint64_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+    int64_t lt = 0;
+    for (int64_t i = 0; i < n; i++) { /* [0, lt) < pivot */
+      uint64_t v = a[i];
+      a[i] = a[lt];
+      a[lt] = v;
+      lt += v < pivot;
     }
-    s[b + 1] = ts;
-    r[b + 1] = tr;
+    /* a[lt, n) >= pivot; move the pivot to a[lt]. */
+    for (int64_t i = lt; i < n; i++) {
+      if (a[i] == pivot) {
+        a[i] = a[lt];
+        a[lt] = pivot;
+        break;
+      }
+    }
+    if (lt < n - lt - 1) {
+      sort_keys(a, lt);
+      a += lt + 1;
+      n -= lt + 1;
+    } else {
+      sort_keys(a + lt + 1, n - lt - 1);
+      n = lt;
+    }
+  }
+  for (int64_t i = 1; i < n; i++) {
+    uint64_t v = a[i];
+    int64_t j = i - 1;
+    while (j >= 0 && a[j] > v) {
+      a[j + 1] = a[j];
+      j--;
+    }
+    a[j + 1] = v;
+  }
+}
+
+/* Sorts entries [0, n) best first (score descending, then row ascending). */
+static void sort_entries(float *s, int32_t *r, int64_t n, uint64_t *keys) {
+  for (int64_t i = 0; i < n; i++) keys[i] = entry_key(s[i], r[i]);
+  sort_keys(keys, n);
+  for (int64_t i = 0; i < n; i++) {
+    int32_t row = (int32_t)(uint32_t)keys[i];
+    uint32_t u = ~(uint32_t)(keys[i] >> 32);
+    u = (u & 0x80000000u) ? u & 0x7fffffffu : ~u;
+    memcpy(&s[i], &u, sizeof(u));
+    r[i] = row;
   }
 }
 
@@ -317,7 +333,7 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
     const float *xbb = xb + b * d * RB;
     const float *ib = xinv + b * num_dims * RB;
     const v8i row0 = lane + (int32_t)(b * RB), row1 = row0 + 8;
-    uint32_t any = 0;
+    uint64_t pairs = 0; /* bit at: (dim, query) `at` has hits (at < 64) */
     v8f acc[QB][2];
     for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
     for (int64_t j = 0; j < num_dims; j++) {
@@ -347,15 +363,21 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
           v8f tv = {t, t, t, t, t, t, t, t};
           uint32_t h = HITS(avx2, s0, s1, tv);
           masks[at] = h;
-          any |= h;
+          pairs |= (uint64_t)(h != 0) << (at & 63);
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
         }
       }
     }
-    if (any) { /* some score beat its threshold: rarer as the lists fill */
+    if (pairs) { /* some score beat its threshold: rarer as the lists fill */
       const int32_t full = (int32_t)(CAP * k);
-      for (int64_t at = 0; at < num_dims * QB; at++) {
+      /* With more than 64 (dim, query) pairs the bits alias: scan them all. */
+      int wide = num_dims * QB > 64;
+      for (int64_t at = 0; wide ? at < num_dims * QB : pairs != 0; at++) {
+        if (!wide) {
+          at = __builtin_ctzll(pairs);
+          pairs &= pairs - 1;
+        }
         uint32_t h = masks[at];
         if (!h) continue;
         topk_state *st = state + at;
@@ -385,6 +407,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   float *tmp = NULL, *parked = NULL;
   uint32_t *masks = NULL;
   int32_t *perm = NULL;
+  uint64_t *keys = NULL;
   int ok = qbuf != NULL;
   if (k == 1) {
     ok = ok && posix_memalign(&best_s, 32, nstate * 2 * sizeof(v8f)) == 0;
@@ -395,6 +418,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
     ok = ok && (state = malloc(nstate * sizeof(topk_state))) != NULL;
     ok = ok && (tmp = malloc(BUF(k) * sizeof(float))) != NULL;
     ok = ok && (perm = malloc(256 * 8 * sizeof(int32_t))) != NULL;
+    ok = ok && (keys = malloc(BUF(k) * sizeof(uint64_t))) != NULL;
     if (ok) fill_permutations(perm);
     ok = ok && (parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float))) != NULL;
     ok = ok && (masks = malloc((size_t)(num_dims * QB) * sizeof(uint32_t))) != NULL;
@@ -465,7 +489,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
               cut_exact(&state[st], cs, cr, k, tmp);
               cnt = k;
             }
-            sort_entries(cs, cr, 0, cnt);
+            sort_entries(cs, cr, cnt, keys);
             for (int64_t a = 0; a < k; a++) {
               os[a] = a < cnt ? cs[a] : -INFINITY;
               oi[a] = a < cnt ? cr[a] : -1;
@@ -485,6 +509,7 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   free(parked);
   free(masks);
   free(perm);
+  free(keys);
   return ok ? 0 : -1;
 }
 
@@ -513,7 +538,7 @@ static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
  * database [n, d] row-major; s / r are caller scratch of K entries. */
 static void rerank_query(const float *qv, const float *x, int64_t d, const int32_t *rows,
                          int64_t num_rows, int64_t m, int64_t size, float *s, int32_t *r,
-                         int32_t *out) {
+                         uint64_t *keys, int32_t *out) {
   int64_t n = 0;
   for (int64_t c = 0; c < num_rows; c++) {
     if (rows[c] < 0) continue;
@@ -527,7 +552,7 @@ static void rerank_query(const float *qv, const float *x, int64_t d, const int32
     r[n] = rows[c];
     n++;
   }
-  sort_entries(s, r, 0, n);
+  sort_entries(s, r, n, keys);
   for (int64_t a = 0; a < size; a++) out[a] = a < n ? r[a] : -1;
 }
 
@@ -536,13 +561,15 @@ int mrl_knn_rerank(const float *q, int64_t nq, int64_t d, const float *x,
                    int32_t *out) {
   float *s = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(float));
   int32_t *r = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(int32_t));
-  int ok = s != NULL && r != NULL;
+  uint64_t *keys = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(uint64_t));
+  int ok = s != NULL && r != NULL && keys != NULL;
   for (int64_t i = 0; ok && i < nq; i++) {
-    rerank_query(q + i * d, x, d, shortlist + i * num_rows, num_rows, m, size, s, r,
+    rerank_query(q + i * d, x, d, shortlist + i * num_rows, num_rows, m, size, s, r, keys,
                  out + i * size);
   }
   free(s);
   free(r);
+  free(keys);
   return ok ? 0 : -1;
 }
 
