@@ -33,7 +33,7 @@ _SQ_NORM_EPS = 1e-24
 # run of blocks (each run is swept by every query tile of the pass).
 _QUERY_BLOCK = 512
 _DB_RUN_BYTES = 128 << 10
-_BUFFER_BYTES = 64 << 20
+_BUFFER_BYTES = 4 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,7 +192,9 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   tile = int(lib.mrl_knn_queries_per_tile())
 
   # Candidate buffers (2k entries of 8 bytes per dim and query) of one pass
-  # stay under _BUFFER_BYTES per thread: large k makes the passes smaller.
+  # stay under _BUFFER_BYTES per thread, so that they stay in cache while
+  # the pass streams the database: 13 dims at k = 100 take 1/8 less time
+  # in passes of 128-256 queries than of 512 (benchmarks/knn.py, d = 512).
   query_block = _QUERY_BLOCK if k == 1 else int(np.clip(
       _BUFFER_BYTES // (16 * k * num_dims), tile, _QUERY_BLOCK))
 
