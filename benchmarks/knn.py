@@ -31,16 +31,16 @@ reorder a few).
 Measured on a shared 2-core AMD EPYC VM (AVX2, CPU, float32, faiss-cpu
 1.15.1), defaults (--reps=3), native backend:
 
-  d=  64 k=  1: ours (native)  7 dims    0.72 s | faiss 1 dim    1.12 s | ours / faiss  0.64
-  d=  64 k=100: ours (native)  7 dims    1.89 s | faiss 1 dim    1.10 s | ours / faiss  1.73
-  d= 512 k=  1: ours (native) 13 dims    5.36 s | faiss 1 dim    4.07 s | ours / faiss  1.32
-  d= 512 k=100: ours (native) 13 dims    7.41 s | faiss 1 dim    4.59 s | ours / faiss  1.61
+  d=  64 k=  1: ours (native)  7 dims    0.87 s | faiss 1 dim    1.22 s | ours / faiss  0.71
+  d=  64 k=100: ours (native)  7 dims    1.50 s | faiss 1 dim    1.20 s | ours / faiss  1.26
+  d= 512 k=  1: ours (native) 13 dims    5.38 s | faiss 1 dim    3.78 s | ours / faiss  1.42
+  d= 512 k=100: ours (native) 13 dims    7.23 s | faiss 1 dim    4.81 s | ours / faiss  1.50
 
-The machine is shared and single runs move by up to 20 %: other full runs,
-minutes apart, gave 0.67-0.95 (d = 64, k = 1), 1.59-2.16 (d = 64, k = 100),
-1.23-1.50 (d = 512, k = 1) and 1.77-1.83 (d = 512, k = 100). The native
-search and the XLA program side by side (`--dims=64 --backends=native,xla
---nofunnel`):
+The machine is shared and single runs move by up to 20 %; a second run
+minutes later (`--nofunnel`) gave 0.99, 0.99, 1.39 and 1.58. The native
+search and the XLA program side by side, measured with an earlier version
+of the native search whose k = 100 lists cost ~1.5x what they cost now
+(`--dims=64 --backends=native,xla --nofunnel`):
 
   d=  64 k=  1: ours (native)  7 dims    0.86 s | faiss 1 dim    0.90 s | ours / faiss  0.95
   d=  64 k=  1: ours (xla   )  7 dims    3.49 s | faiss 1 dim    0.90 s | ours / faiss  3.88
@@ -51,16 +51,16 @@ For k = 1 the native search keeps, per (dim, query), the best score and row
 lane-wise in vector registers, so each extra dim costs a multiply, a compare,
 a max and a blend per 8 scores. For k = 100 each of the D x Q top-k lists
 takes about k ln(N / k) candidates (~1,100 here), and appending them and
-cutting the buffers back costs ~30 us per list: FAISS pays as much or more
-per query for its one heap (its k = 100 time minus its k = 1 time), we pay
+cutting the buffers back costs ~20 us per list: about what FAISS pays per
+query for its one heap (its k = 100 time minus its k = 1 time), and we pay
 it D times. Where the time goes in the XLA program: the module docstring of
 mrl_jax/evaluators/knn.py.
 
 Funnel, same machine, the defaults run above (the re-ranking stages run
 natively too, `knn_native.rerank`):
 
-  d=  64: funnel 0.71 s | ours exact 1 dim 0.76 s | time 0.93, MFLOPs 0.979 / 7.68 = 0.1275
-  d= 512: funnel 1.89 s | ours exact 1 dim 4.72 s | time 0.40, MFLOPs 7.83 / 61.4 = 0.1275
+  d=  64: funnel 0.52 s | ours exact 1 dim 0.66 s | time 0.79, MFLOPs 0.979 / 7.68 = 0.1275
+  d= 512: funnel 1.49 s | ours exact 1 dim 4.62 s | time 0.32, MFLOPs 7.83 / 61.4 = 0.1275
 
 (With the re-ranking stages in NumPy the same funnels measured 1.71 and
 0.48.) The time saved is well short of the FLOPs saved: the first stage is
