@@ -51,9 +51,9 @@ For k = 1 the native search keeps, per (dim, query), the best score and row
 lane-wise in vector registers, so each extra dim costs a multiply, a compare,
 a max and a blend per 8 scores. For k = 100 each of the D x Q top-k lists
 takes about k ln(N / k) candidates (~1,100 here), and appending them and
-cutting the buffers back costs ~20 us per list: about what FAISS pays per
-query for its one heap (its k = 100 time minus its k = 1 time), and we pay
-it D times. Where the time goes in the XLA program: the module docstring of
+cutting the buffers back costs 20-30 us of CPU per list: a third to a half
+of what FAISS pays per query for its one heap (its k = 100 time minus its
+k = 1 time), but we pay it D times. Where the time goes in the XLA program: the module docstring of
 mrl_jax/evaluators/knn.py.
 
 Funnel, same machine, the defaults run above (the re-ranking stages run
