@@ -106,13 +106,13 @@ def test_scores_are_cosines_like_the_xla_search():
 
 def test_auto_picks_native_on_cpu_and_xla_without_the_library(monkeypatch):
   assert all(d.platform == "cpu" for d in jax.devices())
-  assert knn._use_native("auto", None)  # pylint: disable=protected-access
-  assert not knn._use_native("xla", None)  # pylint: disable=protected-access
+  assert knn.uses_native("auto", None)
+  assert not knn.uses_native("xla", None)
   x = np.eye(4, dtype=np.float32)
   with pytest.raises(ValueError, match="backend='gpu' must be one of"):
     knn.knn_search(x, x, [4], 1, backend="gpu")
   monkeypatch.setattr(knn_native, "_library", lambda: None)
-  assert not knn._use_native("auto", None)  # pylint: disable=protected-access
+  assert not knn.uses_native("auto", None)
   _, indices = knn.knn_search(x, x, [4], 1)  # falls back to the XLA search
   np.testing.assert_array_equal(indices[0, :, 0], np.arange(4))
   with pytest.raises(RuntimeError, match="backend='xla'"):

@@ -91,7 +91,7 @@ __attribute__((target("avx2,fma"))) static inline v8i select_avx2(v8i m, v8i a, 
 /* cut O(k) per ~k candidates, so the work per (dim, query) is            */
 /* O(candidates), about k ln(N / k) of them: a heap would pay O(log k)    */
 /* per candidate, and with one top-k per dim that is where the time goes. */
-/* The final top-k is an exact cut (cut_exact) and a sort.                */
+/* The final top-k is an exact cut (cut_exact) and a sort on 64-bit keys. */
 /* Order: higher score first, then lower row (rows are unique, so this is */
 /* a strict total order).                                                 */
 /* ---------------------------------------------------------------------- */
@@ -520,16 +520,15 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
       int64_t nblk, const int32_t *bounds, int64_t num_dims, int64_t k,      \
       int64_t query_block, int64_t db_block, float *out_s, int32_t *out_i,   \
       int64_t out_q_stride
-#define SEARCH_CALL                                                           \
-  search_body(q, nq, d, xb, xinv, nblk, bounds, num_dims, k, query_block,    \
-              db_block, out_s, out_i, out_q_stride
+#define SEARCH_PASS \
+  q, nq, d, xb, xinv, nblk, bounds, num_dims, k, query_block, db_block, out_s, out_i, out_q_stride
 #ifdef HAVE_AVX2_VERSION
 __attribute__((target("avx2,fma"))) static int search_avx2(SEARCH_ARGS) {
-  return SEARCH_CALL, 1);
+  return search_body(SEARCH_PASS, 1);
 }
 #endif
 
-static int search_generic(SEARCH_ARGS) { return SEARCH_CALL, 0); }
+static int search_generic(SEARCH_ARGS) { return search_body(SEARCH_PASS, 0); }
 
 /* Re-ranking for funnel search: for each query, the rows of its shortlist
  * [K] (-1 = none) scored by cosine at prefix dim m (the query's norm left
@@ -614,10 +613,7 @@ int mrl_knn_uses_avx2(void) {
  * offsets the pointers to its slice). Returns 0, or -1 if out of memory. */
 int mrl_knn_search(SEARCH_ARGS) {
 #ifdef HAVE_AVX2_VERSION
-  if (mrl_knn_uses_avx2()) return search_avx2(q, nq, d, xb, xinv, nblk, bounds, num_dims, k,
-                                              query_block, db_block, out_s, out_i,
-                                              out_q_stride);
+  if (mrl_knn_uses_avx2()) return search_avx2(SEARCH_PASS);
 #endif
-  return search_generic(q, nq, d, xb, xinv, nblk, bounds, num_dims, k, query_block,
-                        db_block, out_s, out_i, out_q_stride);
+  return search_generic(SEARCH_PASS);
 }

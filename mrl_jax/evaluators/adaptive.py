@@ -373,8 +373,7 @@ def funnel_search(queries, database, stages, k: int, *, field: str = "stages",
   _, shortlist = knn.knn_search(queries, database, [d0], k0, **search_kwargs)
   shortlist = shortlist[0]
   # The re-ranking runs where the search did: native code on CPU hosts.
-  native = knn._use_native(search_kwargs.get("backend", "auto"),  # pylint: disable=protected-access
-                           search_kwargs.get("mesh"))
+  native = knn.uses_native(search_kwargs.get("backend", "auto"), search_kwargs.get("mesh"))
   for m, size in rest:
     if native:
       shortlist = knn_native.rerank(queries, database, shortlist, m, size,

@@ -261,7 +261,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 BACKENDS = ("auto", "native", "xla")
 
 
-def _use_native(backend: str, mesh) -> bool:
+def uses_native(backend: str = "auto", mesh=None) -> bool:
+  """Whether `knn_search(..., backend=backend, mesh=mesh)` runs the native CPU search."""
   if backend not in BACKENDS:
     raise ValueError(f"kNN backend={backend!r} must be one of {list(BACKENDS)}.")
   if backend == "auto":
@@ -316,7 +317,7 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   num_q, n = queries.shape[0], database.shape[0]
   db_mask = (np.ones((n,), bool) if db_mask is None
              else np.asarray(db_mask).astype(bool).reshape(n))
-  if _use_native(backend, mesh):
+  if uses_native(backend, mesh):
     # Inputs are the same on every process, so each computes all queries.
     return knn_native.search(queries, database, dims, k, db_mask, num_threads=num_threads)
   if mesh is None:

@@ -83,14 +83,10 @@ def generic_code():
     lib.mrl_knn_force_generic(0)
 
 
-def _chunk_bounds(dims):
-  bounds = (0, *dims)
-  return list(zip(bounds[:-1], bounds[1:]))
-
-
 def prefix_inv_norms(x: np.ndarray, dims: Sequence[int]) -> np.ndarray:
   """[n, d] -> [D, n] float32 1 / |x[:m]| per dim (floored like knn.py)."""
-  starts = [lo for lo, _ in _chunk_bounds(dims)]
+  # Squared norms of the chunks between consecutive dims, then running sums.
+  starts = [0, *dims[:-1]]
   sq = np.add.reduceat(np.square(x[:, :dims[-1]], dtype=np.float32), starts, axis=1)  # [n, D]
   sq = np.cumsum(sq.T, axis=0, dtype=np.float64)
   return (1.0 / np.sqrt(np.maximum(sq, _SQ_NORM_EPS))).astype(np.float32)
