@@ -47,10 +47,6 @@ typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 
 INLINE v8f load8(const float *p) { return *(const v8f_u *)p; }
 
-INLINE v8f blendf(v8i m, v8f a, v8f b) { /* m ? a : b */
-  return (v8f)(((v8i)a & m) | ((v8i)b & ~m));
-}
-INLINE v8i blendi(v8i m, v8i a, v8i b) { return (a & m) | (b & ~m); }
 /* Bit l (l < 16) set where lane l of the scores (s0, s1) is above t. */
 INLINE uint32_t hits_generic(v8f s0, v8f s1, v8f t) {
   const v8i bit = {1, 2, 4, 8, 16, 32, 64, 128};
@@ -67,20 +63,9 @@ __attribute__((target("avx2,fma"))) static inline uint32_t hits_avx2(v8f s0, v8f
   __m256 b = _mm256_cmp_ps((__m256)s1, (__m256)t, _CMP_GT_OQ);
   return (uint32_t)_mm256_movemask_ps(a) | (uint32_t)_mm256_movemask_ps(b) << 8;
 }
-/* max(a, b) lane-wise, b where a is NaN; and m ? a : b on row vectors. */
-__attribute__((target("avx2,fma"))) static inline v8f max_avx2(v8f a, v8f b) {
-  return (v8f)_mm256_max_ps((__m256)a, (__m256)b);
-}
-__attribute__((target("avx2,fma"))) static inline v8i select_avx2(v8i m, v8i a, v8i b) {
-  return (v8i)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m);
-}
 #define HITS(avx2, s0, s1, t) ((avx2) ? hits_avx2(s0, s1, t) : hits_generic(s0, s1, t))
-#define MAX(avx2, a, b) ((avx2) ? max_avx2(a, b) : blendf((a) > (b), a, b))
-#define SELECT(avx2, m, a, b) ((avx2) ? select_avx2(m, a, b) : blendi(m, a, b))
 #else
 #define HITS(avx2, s0, s1, t) hits_generic(s0, s1, t)
-#define MAX(avx2, a, b) blendf((a) > (b), a, b)
-#define SELECT(avx2, m, a, b) blendi(m, a, b)
 #endif
 
 /* ---------------------------------------------------------------------- */
@@ -95,10 +80,6 @@ __attribute__((target("avx2,fma"))) static inline v8i select_avx2(v8i m, v8i a, 
 /* Order: higher score first, then lower row (rows are unique, so this is */
 /* a strict total order).                                                 */
 /* ---------------------------------------------------------------------- */
-INLINE int better(float sa, int32_t ia, float sb, int32_t ib) {
-  return sa > sb || (sa == sb && ia < ib);
-}
-
 /* (score, row) as one unsigned key that sorts ascending in the order
  * above: the score's bits made monotonic and inverted, then the row. */
 INLINE uint64_t entry_key(float score, int32_t row) {
@@ -227,6 +208,60 @@ static int64_t compact_at_least(float *s, int32_t *r, int64_t n, float t) {
   return w;
 }
 
+static int64_t count_at_least(const float *s, int64_t n, float t) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; i++) c += s[i] >= t;
+  return c;
+}
+
+#ifdef HAVE_AVX2_VERSION
+/* The same two, 8 entries at a time: a compare, and for the compaction a
+ * compress-store through the permutation table (see append_avx2). A store
+ * at w <= i never reaches past the entries already loaded. */
+__attribute__((target("avx2,fma"))) static inline int64_t count_at_least_avx2(
+    const float *s, int64_t n, float t) {
+  __m256 tv = _mm256_set1_ps(t);
+  __m256i acc = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 ge = _mm256_cmp_ps(_mm256_loadu_ps(s + i), tv, _CMP_GE_OQ);
+    acc = _mm256_sub_epi32(acc, _mm256_castps_si256(ge)); /* true lanes are -1 */
+  }
+  __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+  return _mm_cvtsi128_si32(a) + count_at_least(s + i, n - i, t);
+}
+
+__attribute__((target("avx2,fma"))) static inline int64_t compact_at_least_avx2(
+    float *s, int32_t *r, int64_t n, float t, const int32_t *perm) {
+  __m256 tv = _mm256_set1_ps(t);
+  int64_t w = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(s + i);
+    __m256i rv = _mm256_loadu_si256((const __m256i *)(r + i));
+    uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GE_OQ));
+    __m256i idx = _mm256_loadu_si256((const __m256i *)(perm + 8 * m));
+    _mm256_storeu_ps(s + w, _mm256_permutevar8x32_ps(v, idx));
+    _mm256_storeu_si256((__m256i *)(r + w), _mm256_permutevar8x32_epi32(rv, idx));
+    w += __builtin_popcount(m);
+  }
+  for (; i < n; i++) {
+    float v = s[i];
+    s[w] = v;
+    r[w] = r[i];
+    w += v >= t;
+  }
+  return w;
+}
+#define COUNT_AT_LEAST(avx2, s, n, t) ((avx2) ? count_at_least_avx2(s, n, t) : count_at_least(s, n, t))
+#define COMPACT_AT_LEAST(avx2, s, r, n, t, perm) \
+  ((avx2) ? compact_at_least_avx2(s, r, n, t, perm) : compact_at_least(s, r, n, t))
+#else
+#define COUNT_AT_LEAST(avx2, s, n, t) count_at_least(s, n, t)
+#define COMPACT_AT_LEAST(avx2, s, r, n, t, perm) compact_at_least(s, r, n, t)
+#endif
+
 /* The buffer cut to exactly its best k (row order kept); the threshold
  * becomes the k-th best score. */
 static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
@@ -245,16 +280,16 @@ static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tm
  * k-th best score so far), and this costs a count and a copy per entry
  * instead of a selection. The exact cut is the fallback. */
 #define SAMPLE 31
-static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
+INLINE void cut_buffer_body(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp,
+                            const int32_t *perm, int avx2) {
   int64_t n = st->count;
   float sample[SAMPLE];
   for (int a = 0; a < SAMPLE; a++) sample[a] = s[(int64_t)a * n / SAMPLE];
   for (int rank = 18; rank < SAMPLE; rank += 6) { /* ~60% of them, then ~80% */
     float t = kth_largest(sample, SAMPLE, rank + 1);
-    int64_t at_least = 0;
-    for (int64_t i = 0; i < n; i++) at_least += s[i] >= t;
+    int64_t at_least = COUNT_AT_LEAST(avx2, s, n, t);
     if (at_least >= k && at_least <= n - n / 8) {
-      st->count = (int32_t)compact_at_least(s, r, n, t);
+      st->count = (int32_t)COMPACT_AT_LEAST(avx2, s, r, n, t, perm);
       /* Rows scoring exactly t were kept, so later rows must beat it. */
       st->thr = t;
       return;
@@ -262,6 +297,21 @@ static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *t
   }
   cut_exact(st, s, r, k, tmp);
 }
+
+static void cut_buffer_generic(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp,
+                               const int32_t *perm) {
+  cut_buffer_body(st, s, r, k, tmp, perm, 0);
+}
+#ifdef HAVE_AVX2_VERSION
+__attribute__((target("avx2,fma"), noinline)) static void cut_buffer_avx2(
+    topk_state *st, float *s, int32_t *r, int64_t k, float *tmp, const int32_t *perm) {
+  cut_buffer_body(st, s, r, k, tmp, perm, 1);
+}
+#define CUT_BUFFER(avx2, st, s, r, k, tmp, perm) \
+  ((avx2) ? cut_buffer_avx2(st, s, r, k, tmp, perm) : cut_buffer_generic(st, s, r, k, tmp, perm))
+#else
+#define CUT_BUFFER(avx2, st, s, r, k, tmp, perm) cut_buffer_generic(st, s, r, k, tmp, perm)
+#endif
 
 /* ---------------------------------------------------------------------- */
 /* The search.                                                            */
@@ -316,24 +366,25 @@ static void fill_permutations(int32_t *perm) {
 #define BUF(k) ((size_t)CAP * (size_t)(k) + 32)
 
 /* One register tile (QB queries) against database blocks [b0, b1).
- * k == 1: the best score and row per (dim, query, lane), kept lane-wise in
- * best_s / best_i [D][QB][2] vectors (no branch per score). k > 1: the
- * candidate buffers cand_s / cand_r [D][QB][CAP * k] and their states [D][QB];
- * a block's scores are parked in `parked` [D][QB][RB] with the lanes that
- * beat the threshold in `masks` [D][QB], and handed to the buffers after
- * the block, so that no call is made while the accumulators are live. */
+ * Every (dim, query) has a threshold, state[at].thr (at = dim * QB + query):
+ * for k == 1 the best score so far, else that of its candidate buffer
+ * cand_s / cand_r [D][QB][BUF(k)]. After each chunk, the 16 scores of each
+ * query are compared with its threshold; the rare (dim, query) pairs with
+ * a lane above it park their scores in `parked` [D][QB][RB], their lanes in
+ * `masks` [D][QB], and are listed in `pending`. They are handled after the
+ * block, so that no call is made while the accumulators are live: k == 1
+ * takes the best hit lane (the lowest row among equal scores), k > 1
+ * appends the hit lanes to the buffer and cuts it back when full. */
 INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
                       const float *xinv, int64_t b0, int64_t b1,
                       const int32_t *bounds, int64_t num_dims, int64_t k,
-                      v8f *best_s, v8i *best_i, float *cand_s, int32_t *cand_r,
-                      topk_state *state, float *tmp, float *parked,
-                      uint32_t *masks, const int32_t *perm, int avx2) {
-  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+                      float *cand_s, int32_t *cand_r, topk_state *state, float *tmp,
+                      float *parked, uint32_t *masks, int32_t *pending,
+                      const int32_t *perm, int avx2) {
   for (int64_t b = b0; b < b1; b++) {
     const float *xbb = xb + b * d * RB;
     const float *ib = xinv + b * num_dims * RB;
-    const v8i row0 = lane + (int32_t)(b * RB), row1 = row0 + 8;
-    uint64_t pairs = 0; /* bit at: (dim, query) `at` has hits (at < 64) */
+    int64_t npending = 0;
     v8f acc[QB][2];
     for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
     for (int64_t j = 0; j < num_dims; j++) {
@@ -350,43 +401,41 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
       for (int qi = 0; qi < QB; qi++) {
         v8f s0 = acc[qi][0] * i0, s1 = acc[qi][1] * i1;
         int64_t at = j * QB + qi;
-        if (k == 1) {
-          v8f *bs = best_s + at * 2;
-          v8i *bi = best_i + at * 2;
-          v8i m0 = s0 > bs[0], m1 = s1 > bs[1]; /* strict: earlier rows win ties */
-          bi[0] = SELECT(avx2, m0, row0, bi[0]);
-          bi[1] = SELECT(avx2, m1, row1, bi[1]);
-          bs[0] = MAX(avx2, s0, bs[0]);
-          bs[1] = MAX(avx2, s1, bs[1]);
-        } else {
-          float t = state[at].thr;
-          v8f tv = {t, t, t, t, t, t, t, t};
-          uint32_t h = HITS(avx2, s0, s1, tv);
+        float t = state[at].thr;
+        v8f tv = {t, t, t, t, t, t, t, t};
+        uint32_t h = HITS(avx2, s0, s1, tv); /* strict: earlier rows win ties */
+        if (__builtin_expect(h != 0, 0)) { /* rarer as the lists fill */
           masks[at] = h;
-          pairs |= (uint64_t)(h != 0) << (at & 63);
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
+          pending[npending++] = (int32_t)at;
         }
       }
     }
-    if (pairs) { /* some score beat its threshold: rarer as the lists fill */
-      const int32_t full = (int32_t)(CAP * k);
-      /* With more than 64 (dim, query) pairs the bits alias: scan them all. */
-      int wide = num_dims * QB > 64;
-      for (int64_t at = 0; wide ? at < num_dims * QB : pairs != 0; at++) {
-        if (!wide) {
-          at = __builtin_ctzll(pairs);
-          pairs &= pairs - 1;
+    for (int64_t p = 0; p < npending; p++) {
+      int64_t at = pending[p];
+      uint32_t h = masks[at];
+      topk_state *st = state + at;
+      const float *ps = parked + at * RB;
+      if (k == 1) {
+        float best = st->thr;
+        int32_t row = st->count;
+        while (h) { /* lanes in row order, strict >: the lowest row wins ties */
+          int l = __builtin_ctz(h);
+          h &= h - 1;
+          if (ps[l] > best) {
+            best = ps[l];
+            row = (int32_t)(b * RB) + l;
+          }
         }
-        uint32_t h = masks[at];
-        if (!h) continue;
-        topk_state *st = state + at;
+        st->thr = best;
+        st->count = row;
+      } else {
         float *cs = cand_s + (size_t)at * BUF(k);
         int32_t *cr = cand_r + (size_t)at * BUF(k);
-        APPEND(avx2, cs, cr, &st->count, parked + at * RB, (int32_t)(b * RB), h & 0xff, perm);
-        APPEND(avx2, cs, cr, &st->count, parked + at * RB + 8, (int32_t)(b * RB + 8), h >> 8,
-               perm);
-        if (st->count >= full) cut_buffer(st, cs, cr, k, tmp);
+        APPEND(avx2, cs, cr, &st->count, ps, (int32_t)(b * RB), h & 0xff, perm);
+        APPEND(avx2, cs, cr, &st->count, ps + 8, (int32_t)(b * RB + 8), h >> 8, perm);
+        if (st->count >= (int32_t)(CAP * k)) CUT_BUFFER(avx2, st, cs, cr, k, tmp, perm);
       }
     }
   }
@@ -400,32 +449,24 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
   int64_t tiles_per_block = (query_block + QB - 1) / QB;
   size_t nstate = (size_t)(tiles_per_block * num_dims * QB);
   float *qbuf = malloc((size_t)(tiles_per_block * QB * d) * sizeof(float));
-  void *best_s = NULL, *best_i = NULL;
   float *cand_s = NULL;
   int32_t *cand_r = NULL;
-  topk_state *state = NULL;
-  float *tmp = NULL, *parked = NULL;
-  uint32_t *masks = NULL;
+  topk_state *state = malloc(nstate * sizeof(topk_state));
+  float *tmp = NULL;
+  float *parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float));
+  uint32_t *masks = malloc((size_t)(num_dims * QB) * sizeof(uint32_t));
+  int32_t *pending = malloc((size_t)(num_dims * QB) * sizeof(int32_t));
   int32_t *perm = NULL;
   uint64_t *keys = NULL;
-  int ok = qbuf != NULL;
-  if (k == 1) {
-    ok = ok && posix_memalign(&best_s, 32, nstate * 2 * sizeof(v8f)) == 0;
-    ok = ok && posix_memalign(&best_i, 32, nstate * 2 * sizeof(v8i)) == 0;
-  } else {
+  int ok = qbuf && state && parked && masks && pending;
+  if (k > 1) {
     ok = ok && (cand_s = malloc(nstate * BUF(k) * sizeof(float))) != NULL;
     ok = ok && (cand_r = malloc(nstate * BUF(k) * sizeof(int32_t))) != NULL;
-    ok = ok && (state = malloc(nstate * sizeof(topk_state))) != NULL;
     ok = ok && (tmp = malloc(BUF(k) * sizeof(float))) != NULL;
     ok = ok && (perm = malloc(256 * 8 * sizeof(int32_t))) != NULL;
     ok = ok && (keys = malloc(BUF(k) * sizeof(uint64_t))) != NULL;
     if (ok) fill_permutations(perm);
-    ok = ok && (parked = malloc((size_t)(num_dims * QB * RB) * sizeof(float))) != NULL;
-    ok = ok && (masks = malloc((size_t)(num_dims * QB) * sizeof(uint32_t))) != NULL;
   }
-  const v8f neg_inf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                       -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  const v8i minus1 = {-1, -1, -1, -1, -1, -1, -1, -1};
 
   for (int64_t q0 = 0; ok && q0 < nq; q0 += query_block) {
     int64_t nqb = nq - q0 < query_block ? nq - q0 : query_block;
@@ -434,13 +475,10 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
     memset(qbuf, 0, (size_t)(ntiles * QB * d) * sizeof(float));
     memcpy(qbuf, q + q0 * d, (size_t)(nqb * d) * sizeof(float));
     size_t n = (size_t)(ntiles * num_dims * QB);
-    if (k == 1) {
-      for (size_t a = 0; a < 2 * n; a++) {
-        ((v8f *)best_s)[a] = neg_inf;
-        ((v8i *)best_i)[a] = minus1;
-      }
-    } else {
-      for (size_t a = 0; a < n; a++) { state[a].thr = -INFINITY; state[a].count = 0; }
+    /* k == 1: count holds the best row (-1: none yet). */
+    for (size_t a = 0; a < n; a++) {
+      state[a].thr = -INFINITY;
+      state[a].count = k == 1 ? -1 : 0;
     }
     /* The database in cache-sized runs of blocks, each run against every
      * tile of the query block while it is in cache. */
@@ -448,14 +486,9 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
       int64_t b1 = b0 + db_block < nblk ? b0 + db_block : nblk;
       for (int64_t t = 0; t < ntiles; t++) {
         size_t off = (size_t)(t * num_dims * QB);
-        if (k == 1) {
-          tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, 1,
-                    (v8f *)best_s + 2 * off, (v8i *)best_i + 2 * off, NULL, NULL, NULL, NULL, NULL, NULL, NULL, avx2);
-        } else {
-          tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, k,
-                    NULL, NULL, cand_s + off * BUF(k), cand_r + off * BUF(k), state + off,
-                    tmp, parked, masks, perm, avx2);
-        }
+        tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, bounds, num_dims, k,
+                  k > 1 ? cand_s + off * BUF(k) : NULL, k > 1 ? cand_r + off * BUF(k) : NULL,
+                  state + off, tmp, parked, masks, pending, perm, avx2);
       }
     }
     /* Results [D, out_q_stride, k] for this block's queries. */
@@ -467,20 +500,8 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
           float *os = out_s + row;
           int32_t *oi = out_i + row;
           if (k == 1) {
-            float bs = -INFINITY;
-            int32_t bi = -1;
-            for (int half = 0; half < 2; half++) {
-              v8f s = ((v8f *)best_s)[2 * st + half];
-              v8i r = ((v8i *)best_i)[2 * st + half];
-              for (int l = 0; l < 8; l++) {
-                if (r[l] >= 0 && (bi < 0 || better(s[l], r[l], bs, bi))) {
-                  bs = s[l];
-                  bi = r[l];
-                }
-              }
-            }
-            os[0] = bs;
-            oi[0] = bi;
+            os[0] = state[st].count >= 0 ? state[st].thr : -INFINITY;
+            oi[0] = state[st].count;
           } else {
             float *cs = cand_s + st * BUF(k);
             int32_t *cr = cand_r + st * BUF(k);
@@ -500,14 +521,13 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
     }
   }
   free(qbuf);
-  free(best_s);
-  free(best_i);
   free(cand_s);
   free(cand_r);
   free(state);
   free(tmp);
   free(parked);
   free(masks);
+  free(pending);
   free(perm);
   free(keys);
   return ok ? 0 : -1;
