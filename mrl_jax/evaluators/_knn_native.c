@@ -145,8 +145,8 @@ static void sort_entries(float *s, int32_t *r, int64_t n, uint64_t *keys) {
 }
 
 typedef struct {
-  float thr;     /* candidates must score above this (-inf at first) */
-  int32_t count; /* entries in the buffer */
+  float thr;     /* candidates must score above this (-inf at first); k == 1: the best score */
+  int32_t count; /* entries in the buffer; k == 1: the best row (-1: none) */
 } topk_state;
 
 /* The k-th largest of a[0, n) (k <= n); reorders a. Quickselect with
@@ -208,60 +208,6 @@ static int64_t compact_at_least(float *s, int32_t *r, int64_t n, float t) {
   return w;
 }
 
-static int64_t count_at_least(const float *s, int64_t n, float t) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; i++) c += s[i] >= t;
-  return c;
-}
-
-#ifdef HAVE_AVX2_VERSION
-/* The same two, 8 entries at a time: a compare, and for the compaction a
- * compress-store through the permutation table (see append_avx2). A store
- * at w <= i never reaches past the entries already loaded. */
-__attribute__((target("avx2,fma"))) static inline int64_t count_at_least_avx2(
-    const float *s, int64_t n, float t) {
-  __m256 tv = _mm256_set1_ps(t);
-  __m256i acc = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 ge = _mm256_cmp_ps(_mm256_loadu_ps(s + i), tv, _CMP_GE_OQ);
-    acc = _mm256_sub_epi32(acc, _mm256_castps_si256(ge)); /* true lanes are -1 */
-  }
-  __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
-  a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
-  return _mm_cvtsi128_si32(a) + count_at_least(s + i, n - i, t);
-}
-
-__attribute__((target("avx2,fma"))) static inline int64_t compact_at_least_avx2(
-    float *s, int32_t *r, int64_t n, float t, const int32_t *perm) {
-  __m256 tv = _mm256_set1_ps(t);
-  int64_t w = 0, i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_loadu_ps(s + i);
-    __m256i rv = _mm256_loadu_si256((const __m256i *)(r + i));
-    uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GE_OQ));
-    __m256i idx = _mm256_loadu_si256((const __m256i *)(perm + 8 * m));
-    _mm256_storeu_ps(s + w, _mm256_permutevar8x32_ps(v, idx));
-    _mm256_storeu_si256((__m256i *)(r + w), _mm256_permutevar8x32_epi32(rv, idx));
-    w += __builtin_popcount(m);
-  }
-  for (; i < n; i++) {
-    float v = s[i];
-    s[w] = v;
-    r[w] = r[i];
-    w += v >= t;
-  }
-  return w;
-}
-#define COUNT_AT_LEAST(avx2, s, n, t) ((avx2) ? count_at_least_avx2(s, n, t) : count_at_least(s, n, t))
-#define COMPACT_AT_LEAST(avx2, s, r, n, t, perm) \
-  ((avx2) ? compact_at_least_avx2(s, r, n, t, perm) : compact_at_least(s, r, n, t))
-#else
-#define COUNT_AT_LEAST(avx2, s, n, t) count_at_least(s, n, t)
-#define COMPACT_AT_LEAST(avx2, s, r, n, t, perm) compact_at_least(s, r, n, t)
-#endif
-
 /* The buffer cut to exactly its best k (row order kept); the threshold
  * becomes the k-th best score. */
 static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
@@ -280,16 +226,16 @@ static void cut_exact(topk_state *st, float *s, int32_t *r, int64_t k, float *tm
  * k-th best score so far), and this costs a count and a copy per entry
  * instead of a selection. The exact cut is the fallback. */
 #define SAMPLE 31
-INLINE void cut_buffer_body(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp,
-                            const int32_t *perm, int avx2) {
+static void cut_buffer(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp) {
   int64_t n = st->count;
   float sample[SAMPLE];
   for (int a = 0; a < SAMPLE; a++) sample[a] = s[(int64_t)a * n / SAMPLE];
   for (int rank = 18; rank < SAMPLE; rank += 6) { /* ~60% of them, then ~80% */
     float t = kth_largest(sample, SAMPLE, rank + 1);
-    int64_t at_least = COUNT_AT_LEAST(avx2, s, n, t);
+    int64_t at_least = 0;
+    for (int64_t i = 0; i < n; i++) at_least += s[i] >= t;
     if (at_least >= k && at_least <= n - n / 8) {
-      st->count = (int32_t)COMPACT_AT_LEAST(avx2, s, r, n, t, perm);
+      st->count = (int32_t)compact_at_least(s, r, n, t);
       /* Rows scoring exactly t were kept, so later rows must beat it. */
       st->thr = t;
       return;
@@ -297,21 +243,6 @@ INLINE void cut_buffer_body(topk_state *st, float *s, int32_t *r, int64_t k, flo
   }
   cut_exact(st, s, r, k, tmp);
 }
-
-static void cut_buffer_generic(topk_state *st, float *s, int32_t *r, int64_t k, float *tmp,
-                               const int32_t *perm) {
-  cut_buffer_body(st, s, r, k, tmp, perm, 0);
-}
-#ifdef HAVE_AVX2_VERSION
-__attribute__((target("avx2,fma"), noinline)) static void cut_buffer_avx2(
-    topk_state *st, float *s, int32_t *r, int64_t k, float *tmp, const int32_t *perm) {
-  cut_buffer_body(st, s, r, k, tmp, perm, 1);
-}
-#define CUT_BUFFER(avx2, st, s, r, k, tmp, perm) \
-  ((avx2) ? cut_buffer_avx2(st, s, r, k, tmp, perm) : cut_buffer_generic(st, s, r, k, tmp, perm))
-#else
-#define CUT_BUFFER(avx2, st, s, r, k, tmp, perm) cut_buffer_generic(st, s, r, k, tmp, perm)
-#endif
 
 /* ---------------------------------------------------------------------- */
 /* The search.                                                            */
@@ -368,13 +299,18 @@ static void fill_permutations(int32_t *perm) {
 /* One register tile (QB queries) against database blocks [b0, b1).
  * Every (dim, query) has a threshold, state[at].thr (at = dim * QB + query):
  * for k == 1 the best score so far, else that of its candidate buffer
- * cand_s / cand_r [D][QB][BUF(k)]. After each chunk, the 16 scores of each
- * query are compared with its threshold; the rare (dim, query) pairs with
- * a lane above it park their scores in `parked` [D][QB][RB], their lanes in
- * `masks` [D][QB], and are listed in `pending`. They are handled after the
- * block, so that no call is made while the accumulators are live: k == 1
- * takes the best hit lane (the lowest row among equal scores), k > 1
- * appends the hit lanes to the buffer and cuts it back when full. */
+ * cand_s / cand_r [D][QB][BUF(k)]. After each chunk, each query's 16 scores
+ * are compared with its threshold (strictly: among equal scores the first
+ * row seen, the lowest, stays). Pairs with lanes above it park their scores
+ * in `parked` [D][QB][RB] and the lanes in `masks` [D][QB], and are handled
+ * after the block, so that no call is made while the accumulators are live:
+ * k == 1 takes the best hit lane, k > 1 appends the hit lanes to the buffer
+ * and cuts it back when full.
+ * k == 1: a new best is rare (~ln N times per list), so a pair parks only
+ * on a hit (a branch that is almost never taken) and is listed in
+ * `pending`. k > 1: ~15% of the (dim, query, block)s have a hit, where
+ * such a branch mispredicts, so every pair parks and a bitmap marks those
+ * with hits. */
 INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
                       const float *xinv, int64_t b0, int64_t b1,
                       const int32_t *bounds, int64_t num_dims, int64_t k,
@@ -385,6 +321,7 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
     const float *xbb = xb + b * d * RB;
     const float *ib = xinv + b * num_dims * RB;
     int64_t npending = 0;
+    uint64_t pairs = 0; /* k > 1: bit at set where (dim, query) `at` has hits */
     v8f acc[QB][2];
     for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
     for (int64_t j = 0; j < num_dims; j++) {
@@ -404,20 +341,27 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
         float t = state[at].thr;
         v8f tv = {t, t, t, t, t, t, t, t};
         uint32_t h = HITS(avx2, s0, s1, tv); /* strict: earlier rows win ties */
-        if (__builtin_expect(h != 0, 0)) { /* rarer as the lists fill */
+        if (k == 1) {
+          if (__builtin_expect(h != 0, 0)) { /* ~ln N times per list */
+            masks[at] = h;
+            *(v8f_u *)(parked + at * RB) = s0;
+            *(v8f_u *)(parked + at * RB + 8) = s1;
+            pending[npending++] = (int32_t)at;
+          }
+        } else { /* hits in ~15% of the blocks: a branch would mispredict */
           masks[at] = h;
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
-          pending[npending++] = (int32_t)at;
+          pairs |= (uint64_t)(h != 0) << (at & 63);
         }
       }
     }
-    for (int64_t p = 0; p < npending; p++) {
-      int64_t at = pending[p];
-      uint32_t h = masks[at];
-      topk_state *st = state + at;
-      const float *ps = parked + at * RB;
-      if (k == 1) {
+    if (k == 1) {
+      for (int64_t p = 0; p < npending; p++) {
+        int64_t at = pending[p];
+        uint32_t h = masks[at];
+        const float *ps = parked + at * RB;
+        topk_state *st = state + at;
         float best = st->thr;
         int32_t row = st->count;
         while (h) { /* lanes in row order, strict >: the lowest row wins ties */
@@ -430,12 +374,25 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
         }
         st->thr = best;
         st->count = row;
-      } else {
+      }
+    } else if (pairs) { /* some score beat its threshold: rarer as the lists fill */
+      const int32_t full = (int32_t)(CAP * k);
+      /* With more than 64 (dim, query) pairs the bits alias: scan them all. */
+      int wide = num_dims * QB > 64;
+      for (int64_t at = 0; wide ? at < num_dims * QB : pairs != 0; at++) {
+        if (!wide) {
+          at = __builtin_ctzll(pairs);
+          pairs &= pairs - 1;
+        }
+        uint32_t h = masks[at];
+        if (!h) continue;
+        topk_state *st = state + at;
         float *cs = cand_s + (size_t)at * BUF(k);
         int32_t *cr = cand_r + (size_t)at * BUF(k);
-        APPEND(avx2, cs, cr, &st->count, ps, (int32_t)(b * RB), h & 0xff, perm);
-        APPEND(avx2, cs, cr, &st->count, ps + 8, (int32_t)(b * RB + 8), h >> 8, perm);
-        if (st->count >= (int32_t)(CAP * k)) CUT_BUFFER(avx2, st, cs, cr, k, tmp, perm);
+        APPEND(avx2, cs, cr, &st->count, parked + at * RB, (int32_t)(b * RB), h & 0xff, perm);
+        APPEND(avx2, cs, cr, &st->count, parked + at * RB + 8, (int32_t)(b * RB + 8), h >> 8,
+               perm);
+        if (st->count >= full) cut_buffer(st, cs, cr, k, tmp);
       }
     }
   }
