@@ -80,6 +80,34 @@ def test_tiles_and_threads_do_not_change_results(num_queries, num_threads):
     np.testing.assert_array_equal(indices[1:], ref[..., :k])
 
 
+def test_many_pieces_of_whole_passes_do_not_change_results(monkeypatch):
+  # 8-query passes: 100 queries on 2 threads run as 13 pieces of one pass
+  # (the last one short), taken by whichever thread is free.
+  monkeypatch.setattr(knn_native, "_QUERY_BLOCK", 8)
+  monkeypatch.setattr(knn_native, "_BUFFER_BYTES", 8 * 16 * 9 * 3)
+  calls = []
+  real = knn_native._library()
+
+  class Lib:  # the library, recording the query count of each search call
+    def __getattr__(self, name):
+      return getattr(real, name)
+
+    def mrl_knn_search(self, q, count, *rest):
+      calls.append(count)
+      return real.mrl_knn_search(q, count, *rest)
+
+  monkeypatch.setattr(knn_native, "_library", lambda: Lib())
+  rng = np.random.default_rng(9)
+  database = rng.normal(size=(300, 12)).astype(np.float32)
+  queries = rng.normal(size=(100, 12)).astype(np.float32)
+  for k in (1, 9):
+    calls.clear()
+    _, indices = knn_native.search(queries, database, [6, 12], k, np.ones(300, bool),
+                                   num_threads=2)
+    assert sorted(calls) == [4] + [8] * 12
+    np.testing.assert_array_equal(indices, _brute_force(queries, database, [6, 12], k))
+
+
 def test_k_beyond_the_database_and_masked_rows():
   rng = np.random.default_rng(3)
   database = rng.normal(size=(10, 8)).astype(np.float32)

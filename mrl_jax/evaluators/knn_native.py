@@ -111,24 +111,38 @@ def _prepared_database(lib, database: np.ndarray, dims, db_mask: np.ndarray):
   return xb, xinv
 
 
-def _on_threads(fn, num_q: int, num_threads: int | None, unit: int = 1):
-  """fn(start, count) over slices of [0, num_q) (whole `unit`s), one per thread.
+# Work pieces per thread: threads take the next piece when done with one, so a
+# thread slowed by other load on its core ends at most one piece (~1 /
+# _PIECES_PER_THREAD of its share) behind the others; with one piece per
+# thread the whole call waits for the slowest thread.
+_PIECES_PER_THREAD = 8
 
-  ctypes releases the GIL for each library call, so the slices run in
-  parallel.
-  """
+
+def _resolve_threads(num_threads: int | None) -> int:
+  """num_threads, or None: the CPUs this process may run on."""
   if num_threads is None:
     num_threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
-  per_thread = -(-num_q // max(1, int(num_threads)))
-  per_thread = -(-per_thread // unit) * unit
-  slices = [(start, min(num_q, start + per_thread) - start)
-            for start in range(0, num_q, per_thread)]
-  if len(slices) <= 1:
+  return max(1, int(num_threads))
+
+
+def _on_threads(fn, num_q: int, num_threads: int | None, unit: int = 1):
+  """fn(start, count) over pieces of [0, num_q) (whole `unit`s), on threads.
+
+  ctypes releases the GIL for each library call, so pieces run in parallel;
+  each thread takes the next piece when it is done with one.
+  """
+  num_threads = _resolve_threads(num_threads)
+  pieces = num_threads * _PIECES_PER_THREAD if num_threads > 1 else 1
+  per_piece = -(-num_q // pieces)
+  per_piece = max(1, -(-per_piece // unit)) * unit
+  slices = [(start, min(num_q, start + per_piece) - start)
+            for start in range(0, num_q, per_piece)]
+  if num_threads == 1 or len(slices) <= 1:
     for start, count in slices:
       fn(start, count)
     return
-  with concurrent.futures.ThreadPoolExecutor(len(slices)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(min(num_threads, len(slices))) as pool:
     list(pool.map(lambda sl: fn(*sl), slices))
 
 
@@ -202,7 +216,10 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
     if status != 0:
       raise MemoryError(f"native kNN search: out of memory ({count} queries, k={k}).")
 
-  _on_threads(run, num_q, num_threads, tile)
+  # Pieces of whole passes where there are enough queries for every thread.
+  threads = _resolve_threads(num_threads)
+  unit = query_block if num_q >= 2 * threads * query_block else tile
+  _on_threads(run, num_q, threads, unit)
   # The kernel ranks by <q, x> / |x|; dividing by |q[:m]| makes cosines.
   scores *= prefix_inv_norms(queries, dims)[:, :, None]
   return scores, indices
