@@ -29,41 +29,51 @@ dim is printed as a check (exact ties and last-bit float differences may
 reorder a few).
 
 Measured on a shared 2-core AMD EPYC VM (AVX2, CPU, float32, faiss-cpu
-1.15.1), defaults (--reps=3), native backend:
+1.15.1), defaults (--reps=5), native backend:
 
-  d=  64 k=  1: ours (native)  7 dims    0.87 s | faiss 1 dim    1.22 s | ours / faiss  0.71
-  d=  64 k=100: ours (native)  7 dims    1.50 s | faiss 1 dim    1.20 s | ours / faiss  1.26
-  d= 512 k=  1: ours (native) 13 dims    5.38 s | faiss 1 dim    3.78 s | ours / faiss  1.42
-  d= 512 k=100: ours (native) 13 dims    7.23 s | faiss 1 dim    4.81 s | ours / faiss  1.50
+  d=  64 k=  1: ours (native)  7 dims    0.60 s | faiss 1 dim    0.71 s | ours / faiss  0.85
+  d=  64 k=100: ours (native)  7 dims    1.22 s | faiss 1 dim    0.92 s | ours / faiss  1.32
+  d= 512 k=  1: ours (native) 13 dims    4.69 s | faiss 1 dim    3.88 s | ours / faiss  1.21
+  d= 512 k=100: ours (native) 13 dims    6.03 s | faiss 1 dim    4.22 s | ours / faiss  1.43
 
-The machine is shared and single runs move by up to 20 %; a second run
-minutes later (`--nofunnel`) gave 0.99, 0.99, 1.39 and 1.58. The native
-search and the XLA program side by side, measured with an earlier version
-of the native search whose k = 100 lists cost ~1.5x what they cost now
-(`--dims=64 --backends=native,xla --nofunnel`):
+The machine is shared and single runs move by up to 20 %: two other runs
+of the same search the same hour gave 0.93 / 0.62, 1.36 / 1.32, 1.19 / 1.22
+and 1.45 / 1.60, so d = 512 at k = 100 sits at the 1.5 target rather than
+clearly under it. The native search and the XLA program side by side,
+measured with an earlier version of the native search whose k = 100 lists
+cost ~1.5x what they cost now (`--dims=64 --backends=native,xla --nofunnel`):
 
   d=  64 k=  1: ours (native)  7 dims    0.86 s | faiss 1 dim    0.90 s | ours / faiss  0.95
   d=  64 k=  1: ours (xla   )  7 dims    3.49 s | faiss 1 dim    0.90 s | ours / faiss  3.88
   d=  64 k=100: ours (native)  7 dims    2.11 s | faiss 1 dim    0.98 s | ours / faiss  2.16
   d=  64 k=100: ours (xla   )  7 dims   17.13 s | faiss 1 dim    0.98 s | ours / faiss 17.54
 
-For k = 1 the native search keeps, per (dim, query), the best score and row
-lane-wise in vector registers, so each extra dim costs a multiply, a compare,
-a max and a blend per 8 scores. For k = 100 each of the D x Q top-k lists
-takes about k ln(N / k) candidates (~1,100 here), and appending them and
-cutting the buffers back costs 20-30 us of CPU per list: a third to a half
-of what FAISS pays per query for its one heap (its k = 100 time minus its
-k = 1 time), but we pay it D times. Where the time goes in the XLA program: the module docstring of
-mrl_jax/evaluators/knn.py.
+Where the native search's time goes (one thread, 1,000 queries, d = 512,
+CPU time): the tiled multiply-adds at one dim run at the FMA units' peak
+(~78 GFLOP/s per core here, as OpenBLAS's sgemm), and scoring 13 dims
+instead of one adds ~15 % for k = 1: per (dim, query) and 16 rows a
+multiply and a compare per 8 scores against the best score so far, a new
+best (~ln N times per list) being handled off the hot path. For k = 100 it
+adds ~50 %: each of the D x Q top-k lists takes about k ln(N / k)
+candidates (~1,100 here), and parking, appending and cutting them back
+(~12 buffer cuts per list) cost ~22 us of CPU per list, about what FAISS
+pays per query for its one heap (its k = 100 time minus its k = 1 time);
+we pay it D times. Measured and not kept (no gain beyond the noise): a
+branch per (dim, query) on its hits instead of parking all of them
+(slower at d = 64), AVX2 compaction in the buffer cuts, exact cuts to k
+entries (fewer candidates, costlier cuts), one FMA instead of a multiply and
+a compare per threshold test, query passes of 2-11 MB of candidate buffers
+per thread instead of 4 MB. Where the time goes in the XLA program: the
+module docstring of mrl_jax/evaluators/knn.py.
 
 Funnel, same machine, the defaults run above (the re-ranking stages run
 natively too, `knn_native.rerank`):
 
-  d=  64: funnel 0.52 s | ours exact 1 dim 0.66 s | time 0.79, MFLOPs 0.979 / 7.68 = 0.1275
-  d= 512: funnel 1.49 s | ours exact 1 dim 4.62 s | time 0.32, MFLOPs 7.83 / 61.4 = 0.1275
+  d=  64: funnel 0.36 s | ours exact 1 dim 0.49 s | time 0.75, MFLOPs 0.979 / 7.68 = 0.1275
+  d= 512: funnel 1.36 s | ours exact 1 dim 3.82 s | time 0.36, MFLOPs 7.83 / 61.4 = 0.1275
 
-(With the re-ranking stages in NumPy the same funnels measured 1.71 and
-0.48.) The time saved is well short of the FLOPs saved: the first stage is
+(With the re-ranking stages in NumPy, in an earlier run, the same funnels
+measured 1.71 and 0.48.) The time saved is well short of the FLOPs saved: the first stage is
 a top-200 search, whose candidate lists cost as above, and at d = 64 the
 exact search is itself only 64 multiply-adds per score. Random vectors have
 no Matryoshka structure, so the funnel recovers only ~5 % of their exact
