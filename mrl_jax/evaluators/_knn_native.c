@@ -21,8 +21,9 @@
  * top-k.
  *
  * Ties go to the lower database row: rows are visited in increasing order
- * within each lane and top-k entries are replaced only by strictly larger
- * scores; lanes are merged by (score, lower row).
+ * (blocks in order, the lanes of a block in order), a score enters a top-k
+ * only when strictly above its threshold, and the final order is by
+ * (score, lower row).
  */
 #include <math.h>
 #include <stdint.h>
