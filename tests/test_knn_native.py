@@ -121,6 +121,22 @@ def test_k_beyond_the_database_and_masked_rows():
       indices[..., :6], valid[_brute_force(queries, database[valid], [4, 8], 6)])
 
 
+def test_one_nn_with_every_row_masked_and_ties_across_blocks():
+  rng = np.random.default_rng(10)
+  database = rng.normal(size=(40, 8)).astype(np.float32)
+  queries = rng.normal(size=(6, 8)).astype(np.float32)
+  scores, indices = knn.knn_search(queries, database, [4, 8], 1,
+                                   db_mask=np.zeros(40, bool), backend="native")
+  assert (indices == -1).all() and np.isneginf(scores).all()
+  # The best row repeated in later blocks (rows 16 and 33, blocks of 16)
+  # and scaled (same cosine): 1-NN keeps the first.
+  database[16] = database[3] * 2.0
+  database[33] = database[3] * 0.5
+  queries[:] = database[3]
+  _, indices = knn.knn_search(queries, database, [4, 8], 1, backend="native")
+  assert (indices == 3).all()
+
+
 def test_scores_are_cosines_like_the_xla_search():
   rng = np.random.default_rng(4)
   database = rng.normal(size=(500, 32)).astype(np.float32) * 3.0
