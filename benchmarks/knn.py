@@ -36,10 +36,11 @@ Measured on a shared 2-core AMD EPYC VM (AVX2, CPU, float32, faiss-cpu
   d= 512 k=  1: ours (native) 13 dims    4.69 s | faiss 1 dim    3.88 s | ours / faiss  1.21
   d= 512 k=100: ours (native) 13 dims    6.03 s | faiss 1 dim    4.22 s | ours / faiss  1.43
 
-The machine is shared and single runs move by up to 20 %: two other runs
-of the same search the same hour gave 0.93 / 0.62, 1.36 / 1.32, 1.19 / 1.22
-and 1.45 / 1.60, so d = 512 at k = 100 sits at the 1.5 target rather than
-clearly under it. The native search and the XLA program side by side,
+The machine is shared and single runs move by up to 20 %: three other
+runs of the same search within the hour gave 0.93 / 0.62 / 0.81,
+1.36 / 1.32 / 1.22, 1.19 / 1.22 / 1.25 and 1.45 / 1.60 / 1.62, so d = 512
+at k = 100 sits at the 1.5 target (median of the four runs 1.53) rather
+than under it. The native search and the XLA program side by side,
 measured with an earlier version of the native search whose k = 100 lists
 cost ~1.5x what they cost now (`--dims=64 --backends=native,xla --nofunnel`):
 
