@@ -108,6 +108,17 @@ def test_many_pieces_of_whole_passes_do_not_change_results(monkeypatch):
     np.testing.assert_array_equal(indices, _brute_force(queries, database, [6, 12], k))
 
 
+def test_more_than_sixteen_dims():
+  # 20 dims x 4 queries per tile: 80 (dim, query) pairs per block.
+  rng = np.random.default_rng(11)
+  database = rng.normal(size=(300, 40)).astype(np.float32)
+  queries = rng.normal(size=(9, 40)).astype(np.float32)
+  dims = list(range(2, 42, 2))
+  for k in (1, 5):
+    _, indices = knn.knn_search(queries, database, dims, k, backend="native")
+    np.testing.assert_array_equal(indices, _brute_force(queries, database, dims, k))
+
+
 def test_k_beyond_the_database_and_masked_rows():
   rng = np.random.default_rng(3)
   database = rng.normal(size=(10, 8)).astype(np.float32)

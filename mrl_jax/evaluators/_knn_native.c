@@ -308,10 +308,9 @@ static void fill_permutations(int32_t *perm) {
  * k == 1 takes the best hit lane, k > 1 appends the hit lanes to the buffer
  * and cuts it back when full.
  * k == 1: a new best is rare (~ln N times per list), so a pair parks only
- * on a hit (a branch that is almost never taken) and is listed in
- * `pending`. k > 1: ~15% of the (dim, query, block)s have a hit, where
- * such a branch mispredicts, so every pair parks and a bitmap marks those
- * with hits. */
+ * on a hit, a branch that is almost never taken. k > 1: ~15% of the (dim,
+ * query, block)s have a hit, where such a branch mispredicts, so every pair
+ * parks and only the list of pairs with hits depends on the test. */
 INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
                       const float *xinv, int64_t b0, int64_t b1,
                       const int32_t *bounds, int64_t num_dims, int64_t k,
@@ -321,8 +320,7 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
   for (int64_t b = b0; b < b1; b++) {
     const float *xbb = xb + b * d * RB;
     const float *ib = xinv + b * num_dims * RB;
-    int64_t npending = 0;
-    uint64_t pairs = 0; /* k > 1: bit at set where (dim, query) `at` has hits */
+    int64_t npending = 0; /* pending[0, npending): the pairs with hits, in order */
     v8f acc[QB][2];
     for (int qi = 0; qi < QB; qi++) acc[qi][0] = acc[qi][1] = (v8f){0};
     for (int64_t j = 0; j < num_dims; j++) {
@@ -349,20 +347,21 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
             *(v8f_u *)(parked + at * RB + 8) = s1;
             pending[npending++] = (int32_t)at;
           }
-        } else { /* hits in ~15% of the blocks: a branch would mispredict */
+        } else {
           masks[at] = h;
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
-          pairs |= (uint64_t)(h != 0) << (at & 63);
+          pending[npending] = (int32_t)at;
+          npending += h != 0;
         }
       }
     }
-    if (k == 1) {
-      for (int64_t p = 0; p < npending; p++) {
-        int64_t at = pending[p];
-        uint32_t h = masks[at];
-        const float *ps = parked + at * RB;
-        topk_state *st = state + at;
+    for (int64_t p = 0; p < npending; p++) {
+      int64_t at = pending[p];
+      uint32_t h = masks[at];
+      const float *ps = parked + at * RB;
+      topk_state *st = state + at;
+      if (k == 1) {
         float best = st->thr;
         int32_t row = st->count;
         while (h) { /* lanes in row order, strict >: the lowest row wins ties */
@@ -375,25 +374,12 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
         }
         st->thr = best;
         st->count = row;
-      }
-    } else if (pairs) { /* some score beat its threshold: rarer as the lists fill */
-      const int32_t full = (int32_t)(CAP * k);
-      /* With more than 64 (dim, query) pairs the bits alias: scan them all. */
-      int wide = num_dims * QB > 64;
-      for (int64_t at = 0; wide ? at < num_dims * QB : pairs != 0; at++) {
-        if (!wide) {
-          at = __builtin_ctzll(pairs);
-          pairs &= pairs - 1;
-        }
-        uint32_t h = masks[at];
-        if (!h) continue;
-        topk_state *st = state + at;
+      } else {
         float *cs = cand_s + (size_t)at * BUF(k);
         int32_t *cr = cand_r + (size_t)at * BUF(k);
-        APPEND(avx2, cs, cr, &st->count, parked + at * RB, (int32_t)(b * RB), h & 0xff, perm);
-        APPEND(avx2, cs, cr, &st->count, parked + at * RB + 8, (int32_t)(b * RB + 8), h >> 8,
-               perm);
-        if (st->count >= full) cut_buffer(st, cs, cr, k, tmp);
+        APPEND(avx2, cs, cr, &st->count, ps, (int32_t)(b * RB), h & 0xff, perm);
+        APPEND(avx2, cs, cr, &st->count, ps + 8, (int32_t)(b * RB + 8), h >> 8, perm);
+        if (st->count >= (int32_t)(CAP * k)) cut_buffer(st, cs, cr, k, tmp);
       }
     }
   }

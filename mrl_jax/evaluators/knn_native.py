@@ -138,7 +138,7 @@ def _on_threads(fn, num_q: int, num_threads: int | None, unit: int = 1):
   per_piece = max(1, -(-per_piece // unit)) * unit
   slices = [(start, min(num_q, start + per_piece) - start)
             for start in range(0, num_q, per_piece)]
-  if num_threads == 1 or len(slices) <= 1:
+  if len(slices) <= 1:
     for start, count in slices:
       fn(start, count)
     return
