@@ -108,6 +108,80 @@ def test_many_pieces_of_whole_passes_do_not_change_results(monkeypatch):
     np.testing.assert_array_equal(indices, _brute_force(queries, database, [6, 12], k))
 
 
+def _record_search_args(monkeypatch):
+  """Replaces the library with a wrapper; returns the list of (sample_step, sample_k)."""
+  real = knn_native._library()
+  seeds = []
+
+  class Lib:
+    def __getattr__(self, name):
+      return getattr(real, name)
+
+    def mrl_knn_search(self, *args):
+      seeds.append(args[-2:])
+      return real.mrl_knn_search(*args)
+
+  monkeypatch.setattr(knn_native, "_library", lambda: Lib())
+  return seeds
+
+
+def test_seeded_thresholds_are_used_for_large_k_and_give_the_exact_top_k(monkeypatch):
+  # 6000 rows, k = 40: every 32nd block of 16 rows seeds the thresholds.
+  seeds = _record_search_args(monkeypatch)
+  rng = np.random.default_rng(12)
+  database = rng.normal(size=(6000, 24)).astype(np.float32)
+  queries = rng.normal(size=(11, 24)).astype(np.float32)
+  dims = [3, 6, 12, 24]
+  _, indices = knn_native.search(queries, database, dims, 40, np.ones(6000, bool),
+                                 num_threads=1)
+  assert seeds == [(32, knn_native._seed_rank(40, 1 / 32))]
+  np.testing.assert_array_equal(indices, _brute_force(queries, database, dims, 40))
+  # Small k, or too few rows per neighbour: no seeds.
+  seeds.clear()
+  knn_native.search(queries, database, dims, 20, np.ones(6000, bool), num_threads=1)
+  knn_native.search(queries, database[:5000], dims, 40, np.ones(5000, bool), num_threads=1)
+  assert seeds == [(0, 0), (0, 0)]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("sample_step,sample_k", [(4, 1), (1, 40), (32, 3)])
+def test_seeds_above_the_kth_best_are_searched_again(monkeypatch, sample_step, sample_k,
+                                                     generic):
+  # Seeds from the best score of every 4th block (fewer than k rows beat it
+  # for most lists), from the k-th best of all rows (exactly k - 1 beat it:
+  # every list), or from too small a rank: those lists are searched again
+  # from -inf, and the others must be untouched by that. With masked rows
+  # and rows repeated so that scores tie across the seed.
+  monkeypatch.setattr(knn_native, "_seeding", lambda k, n: (sample_step, sample_k))
+  rng = np.random.default_rng(13)
+  directions = rng.normal(size=(300, 16)).astype(np.float32)
+  database = directions[rng.integers(0, 300, size=2000)]
+  queries = rng.normal(size=(9, 16)).astype(np.float32)
+  db_mask = rng.random(2000) > 0.1
+  valid = np.flatnonzero(db_mask)
+  dims = [4, 8, 16]
+  with knn_native.generic_code() if generic else contextlib.nullcontext():
+    for threads in (1, 2):
+      _, indices = knn_native.search(queries, database, dims, 40, db_mask,
+                                     num_threads=threads)
+      np.testing.assert_array_equal(
+          indices, valid[_brute_force(queries, database[valid], dims, 40)])
+
+
+def test_seed_rank_bounds_the_chance_of_a_second_search():
+  # The rank j with P(Poisson(k f) >= j) <= 1e-4, checked against the
+  # binomial tail it stands for (the sample holds each top-k row with
+  # probability f).
+  from math import comb  # pylint: disable=g-import-not-at-top
+  for k, step in [(100, 32), (40, 32), (1000, 32), (100, 16)]:
+    f = 1 / step
+    j = knn_native._seed_rank(k, f)
+    tail = lambda j: sum(comb(k, x) * f**x * (1 - f)**(k - x) for x in range(j, k + 1))
+    assert tail(j) <= 1e-4 < tail(j - 2), (k, step, j)
+  assert knn_native._seed_rank(100, 1 / 32) == 13
+  assert knn_native._seed_rank(5, 0.9, miss=1e-4) == 5  # never above k
+
+
 def test_more_than_sixteen_dims():
   # 20 dims x 4 queries per tile: 80 (dim, query) pairs per block.
   rng = np.random.default_rng(11)

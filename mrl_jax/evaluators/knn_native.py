@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import functools
 import importlib.machinery
+import math
 import os
 import pathlib
 
@@ -50,7 +51,7 @@ def _library():
   ptr, i64 = ctypes.c_void_p, ctypes.c_int64
   lib.mrl_knn_search.restype = ctypes.c_int
   lib.mrl_knn_search.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64,
-                                 ptr, ptr, i64]
+                                 ptr, ptr, i64, i64, i64]
   lib.mrl_knn_rows_per_block.restype = i64
   lib.mrl_knn_uses_avx2.restype = ctypes.c_int
   lib.mrl_knn_force_generic.argtypes = [ctypes.c_int]
@@ -173,6 +174,38 @@ def rerank(queries: np.ndarray, database: np.ndarray, shortlist: np.ndarray, m: 
   return out
 
 
+# Seeded thresholds for large k (the C file, search_body): every
+# _SAMPLE_STEP-th database block is searched first, and each list's
+# threshold starts at the sample_k-th best sample score, sample_k chosen so
+# that P(at least sample_k of the exact top-k fall in the sample) <=
+# _SEED_MISS (such a list is searched again). Used where it saves
+# candidates: k >= _SEED_MIN_K and a database of at least _SEED_MIN_ROWS_PER_K
+# valid rows per neighbour.
+_SAMPLE_STEP = 32
+_SEED_MISS = 1e-4
+_SEED_MIN_K = 32
+_SEED_MIN_ROWS_PER_K = 128
+
+
+def _seed_rank(k: int, rate: float, miss: float = _SEED_MISS) -> int:
+  """Smallest j with P(Poisson(k rate) >= j) <= miss (j <= k)."""
+  lam = k * rate
+  term = cdf = math.exp(-lam)  # P(X = 0), P(X <= 0)
+  j = 1
+  while 1.0 - cdf > miss and j < k:
+    term *= lam / j
+    cdf += term
+    j += 1
+  return j
+
+
+def _seeding(k: int, num_valid: int) -> tuple[int, int]:
+  """(sample_step, sample_k) for the C search; (0, 0): no seeded thresholds."""
+  if k < _SEED_MIN_K or num_valid < _SEED_MIN_ROWS_PER_K * k:
+    return 0, 0
+  return _SAMPLE_STEP, _seed_rank(k, 1.0 / _SAMPLE_STEP)
+
+
 def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: int,
            db_mask: np.ndarray, *, num_threads: int | None = None):
   """Exact top-k at every dim; the contract of `knn.knn_search` (checked there).
@@ -205,14 +238,18 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   # stay under _BUFFER_BYTES per thread, so that they stay in cache while
   # the pass streams the database: 13 dims at k = 100 take 1/8 less time
   # in passes of 128-256 queries than of 512 (benchmarks/knn.py, d = 512).
+  # Whole tiles: a pass's last tile would otherwise be partly padding.
   query_block = _QUERY_BLOCK if k == 1 else int(np.clip(
-      _BUFFER_BYTES // (16 * k * num_dims), tile, _QUERY_BLOCK))
+      _BUFFER_BYTES // (16 * k * num_dims) // tile * tile, tile, _QUERY_BLOCK))
+
+  sample_step, sample_k = _seeding(k, int(np.count_nonzero(db_mask)))
 
   def run(start, count):
     status = lib.mrl_knn_search(
         queries[start:].ctypes.data, count, d, xb.ctypes.data, xinv.ctypes.data,
         xb.shape[0], bounds.ctypes.data, num_dims, k, query_block, db_run,
-        scores[:, start:].ctypes.data, indices[:, start:].ctypes.data, num_q)
+        scores[:, start:].ctypes.data, indices[:, start:].ctypes.data, num_q,
+        sample_step, sample_k)
     if status != 0:
       raise MemoryError(f"native kNN search: out of memory ({count} queries, k={k}).")
 
