@@ -605,17 +605,32 @@ int mrl_knn_rerank(const float *q, int64_t nq, int64_t d, const float *x,
   return ok ? 0 : -1;
 }
 
-/* The database layout of the search: x [n, d] row-major -> xb [nblk, d, RB],
- * rows transposed within each block of RB, the last block zero-padded. */
-void mrl_knn_pack_database(const float *x, int64_t n, int64_t d, float *xb) {
-  int64_t nblk = (n + RB - 1) / RB;
-  for (int64_t b = 0; b < nblk; b++) {
+/* The database layout of the search, blocks [b0, b1) of it: x [n, d]
+ * row-major -> xb [nblk, d, RB], rows transposed within each block of RB,
+ * the last block zero-padded; and xinv [nblk, D, RB], 1 / |x[:m_j]| (the
+ * squared norm floored at sq_eps, summed in double), NaN for rows that
+ * must never score: mask[r] == 0 (mask may be NULL: every row) and the
+ * padding. Blocks are independent, so callers split them over threads. */
+void mrl_knn_prepare_database(const float *x, int64_t n, int64_t d, const int32_t *bounds,
+                              int64_t num_dims, const uint8_t *mask, double sq_eps,
+                              int64_t b0, int64_t b1, float *xb, float *xinv) {
+  for (int64_t b = b0; b < b1; b++) {
     float *out = xb + b * d * RB;
+    float *inv = xinv + b * num_dims * RB;
     int64_t rows = n - b * RB < RB ? n - b * RB : RB;
     if (rows < RB) memset(out, 0, (size_t)(d * RB) * sizeof(float));
     for (int64_t r = 0; r < rows; r++) {
       const float *row = x + (b * RB + r) * d;
       for (int64_t f = 0; f < d; f++) out[f * RB + r] = row[f];
+      double sq = 0.0;
+      int valid = mask == NULL || mask[b * RB + r];
+      for (int64_t j = 0; j < num_dims; j++) {
+        for (int64_t f = bounds[j]; f < bounds[j + 1]; f++) sq += (double)row[f] * row[f];
+        inv[j * RB + r] = valid ? (float)(1.0 / sqrt(sq > sq_eps ? sq : sq_eps)) : NAN;
+      }
+    }
+    for (int64_t r = rows; r < RB; r++) {
+      for (int64_t j = 0; j < num_dims; j++) inv[j * RB + r] = NAN;
     }
   }
 }

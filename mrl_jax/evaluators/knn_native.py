@@ -56,7 +56,8 @@ def _library():
   lib.mrl_knn_uses_avx2.restype = ctypes.c_int
   lib.mrl_knn_force_generic.argtypes = [ctypes.c_int]
   lib.mrl_knn_queries_per_tile.restype = i64
-  lib.mrl_knn_pack_database.argtypes = [ptr, i64, i64, ptr]
+  lib.mrl_knn_prepare_database.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_double,
+                                           i64, i64, ptr, ptr]
   lib.mrl_knn_rerank.restype = ctypes.c_int
   lib.mrl_knn_rerank.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr]
   return lib
@@ -93,22 +94,27 @@ def prefix_inv_norms(x: np.ndarray, dims: Sequence[int]) -> np.ndarray:
   return (1.0 / np.sqrt(np.maximum(sq, _SQ_NORM_EPS))).astype(np.float32)
 
 
-def _prepared_database(lib, database: np.ndarray, dims, db_mask: np.ndarray):
+def _prepared_database(lib, database: np.ndarray, dims, db_mask: np.ndarray,
+                       num_threads: int | None = None):
   """Blocks of rows, transposed within each block: xb [nblk, d, RB], xinv [nblk, D, RB].
 
   Padding rows and masked rows get inverse norm NaN, so they never score.
+  Blocks are prepared on threads.
   """
   n, d = database.shape
   rows_per_block = int(lib.mrl_knn_rows_per_block())
   nblk = max(1, -(-n // rows_per_block))
   xb = np.empty((nblk, d, rows_per_block), np.float32)
-  if n:
-    lib.mrl_knn_pack_database(database.ctypes.data, n, d, xb.ctypes.data)
-  else:
-    xb[:] = 0.0
-  inv = np.full((len(dims), nblk * rows_per_block), np.nan, np.float32)
-  inv[:, :n] = np.where(db_mask, prefix_inv_norms(database, dims), np.float32(np.nan))
-  xinv = np.ascontiguousarray(inv.reshape(len(dims), nblk, rows_per_block).transpose(1, 0, 2))
+  xinv = np.empty((nblk, len(dims), rows_per_block), np.float32)
+  bounds = np.asarray((0, *dims), np.int32)
+  mask = np.ascontiguousarray(db_mask, np.uint8)
+
+  def run(start, count):
+    lib.mrl_knn_prepare_database(database.ctypes.data, n, d, bounds.ctypes.data, len(dims),
+                                 mask.ctypes.data, _SQ_NORM_EPS, start, start + count,
+                                 xb.ctypes.data, xinv.ctypes.data)
+
+  _on_threads(run, nblk, num_threads)
   return xb, xinv
 
 
@@ -223,7 +229,7 @@ def search(queries: np.ndarray, database: np.ndarray, dims: Sequence[int], k: in
   database = np.ascontiguousarray(database, np.float32)
   num_q, d = queries.shape
   num_dims = len(dims)
-  xb, xinv = _prepared_database(lib, database, dims, db_mask)
+  xb, xinv = _prepared_database(lib, database, dims, db_mask, num_threads)
   bounds = np.asarray((0, *dims), np.int32)
   rows_per_block = xb.shape[2]
   db_run = max(1, _DB_RUN_BYTES // (4 * d * rows_per_block))
