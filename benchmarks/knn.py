@@ -31,18 +31,19 @@ reorder a few).
 Measured on a shared 2-core AMD EPYC VM (AVX2, CPU, float32, faiss-cpu
 1.15.1), defaults (--reps=5), native backend:
 
-  d=  64 k=  1: ours (native)  7 dims    0.60 s | faiss 1 dim    0.71 s | ours / faiss  0.85
-  d=  64 k=100: ours (native)  7 dims    1.22 s | faiss 1 dim    0.92 s | ours / faiss  1.32
-  d= 512 k=  1: ours (native) 13 dims    4.69 s | faiss 1 dim    3.88 s | ours / faiss  1.21
-  d= 512 k=100: ours (native) 13 dims    6.03 s | faiss 1 dim    4.22 s | ours / faiss  1.43
+  d=  64 k=  1: ours (native)  7 dims    0.66 s | faiss 1 dim    0.80 s | ours / faiss  0.83
+  d=  64 k=100: ours (native)  7 dims    1.44 s | faiss 1 dim    1.28 s | ours / faiss  1.13
+  d= 512 k=  1: ours (native) 13 dims    4.70 s | faiss 1 dim    4.35 s | ours / faiss  1.08
+  d= 512 k=100: ours (native) 13 dims    6.29 s | faiss 1 dim    4.54 s | ours / faiss  1.39
 
-The machine is shared and single runs move by up to 20 %: three other
-runs of the same search within the hour gave 0.93 / 0.62 / 0.81,
-1.36 / 1.32 / 1.22, 1.19 / 1.22 / 1.25 and 1.45 / 1.60 / 1.62, so d = 512
-at k = 100 sits at the 1.5 target (median of the four runs 1.53) rather
-than under it. The native search and the XLA program side by side,
-measured with an earlier version of the native search whose k = 100 lists
-cost ~1.5x what they cost now (`--dims=64 --backends=native,xla --nofunnel`):
+The machine is shared and single runs move by up to 20 %: five runs of
+the current search (seeded thresholds for k = 100, the database prepared
+on threads) gave d = 512, k = 100 ratios of 1.36, 1.49, 1.44, 1.39 and 1.35
+(median 1.39; d = 64, k = 100: 1.06-1.32), against 1.43-1.62 (median 1.51)
+for the previous version, whose lists took every candidate from -inf. The
+native search and the XLA program side by side, measured with an earlier
+version of the native search whose k = 100 lists cost ~2x what they cost
+now (`--dims=64 --backends=native,xla --nofunnel`):
 
   d=  64 k=  1: ours (native)  7 dims    0.86 s | faiss 1 dim    0.90 s | ours / faiss  0.95
   d=  64 k=  1: ours (xla   )  7 dims    3.49 s | faiss 1 dim    0.90 s | ours / faiss  3.88
@@ -54,28 +55,38 @@ CPU time): the tiled multiply-adds at one dim run at the FMA units' peak
 (~78 GFLOP/s per core here, as OpenBLAS's sgemm), and scoring 13 dims
 instead of one adds ~15 % for k = 1: per (dim, query) and 16 rows a
 multiply and a compare per 8 scores against the best score so far, a new
-best (~ln N times per list) being handled off the hot path. For k = 100 it
-adds ~50 %: each of the D x Q top-k lists takes about k ln(N / k)
-candidates (~1,100 here), and parking, appending and cutting them back
-(~12 buffer cuts per list) cost ~22 us of CPU per list, about what FAISS
-pays per query for its one heap (its k = 100 time minus its k = 1 time);
-we pay it D times. Measured and not kept (no gain beyond the noise): a
-branch per (dim, query) on its hits instead of parking all of them
-(slower at d = 64), AVX2 compaction in the buffer cuts, exact cuts to k
-entries (fewer candidates, costlier cuts), one FMA instead of a multiply and
-a compare per threshold test, query passes of 2-11 MB of candidate buffers
-per thread instead of 4 MB. Where the time goes in the XLA program: the
-module docstring of mrl_jax/evaluators/knn.py.
+best (~ln N times per list) being handled off the hot path. For k > 1 each
+of the D x Q top-k lists streamed from a threshold of -inf would take about
+k ln(N / k) candidates (~1,100 at k = 100), and appending them and cutting
+their buffers back cost ~22 us of CPU per list, about what FAISS pays per
+query for its one heap, D times over. So for k >= 32 the search first
+scores every 32nd database block alone, and each list's threshold starts at
+the j-th best of its sample scores, j chosen so that the sample holds j of
+the exact top-k with probability <= 1e-4 (j = 13 for k = 100): a list with
+fewer than k candidates above its seed is searched again from -inf (never
+seen on random vectors), every other list has its exact top-k. Lists then
+take ~420 candidates, few enough that they park only on a hit, like k = 1.
+In an instrumented build (cycle counters, one thread, 1,000 queries), k =
+100 took 37 % more than k = 1 instead of 71 %: the sample 0.06 s (3 % of
+the multiply-adds, and its own small top-k lists), the full pass 0.95 s
+instead of 1.26 s, the final sorts 0.04 s, against 0.76 s for k = 1. Measured and not kept (no gain beyond the noise): a branch
+per (dim, query) on its hits for unseeded lists (slower at d = 64), AVX2
+compaction in the buffer cuts, exact cuts to k entries (fewer candidates,
+costlier cuts), one FMA instead of a multiply and a compare per threshold
+test, query passes of 1-16 MB of candidate buffers instead of 4 MB, a
+sample of every 16th or 64th block instead of every 32nd. Where the time
+goes in the XLA program: the module docstring of mrl_jax/evaluators/knn.py.
 
 Funnel, same machine, the defaults run above (the re-ranking stages run
 natively too, `knn_native.rerank`):
 
-  d=  64: funnel 0.36 s | ours exact 1 dim 0.49 s | time 0.75, MFLOPs 0.979 / 7.68 = 0.1275
-  d= 512: funnel 1.36 s | ours exact 1 dim 3.82 s | time 0.36, MFLOPs 7.83 / 61.4 = 0.1275
+  d=  64: funnel 0.60 s | ours exact 1 dim 0.66 s | time 0.92, MFLOPs 0.979 / 7.68 = 0.1275
+  d= 512: funnel 1.59 s | ours exact 1 dim 4.38 s | time 0.36, MFLOPs 7.83 / 61.4 = 0.1275
 
-(With the re-ranking stages in NumPy, in an earlier run, the same funnels
-measured 1.71 and 0.48.) The time saved is well short of the FLOPs saved: the first stage is
-a top-200 search, whose candidate lists cost as above, and at d = 64 the
+(Another run of the same code: 0.76 and 0.36. With the re-ranking stages
+in NumPy, in an earlier run, the same funnels measured 1.71 and 0.48.) The
+time saved is well short of the FLOPs saved: the first stage is a top-200
+search, whose candidate lists cost as above, and at d = 64 the
 exact search is itself only 64 multiply-adds per score. Random vectors have
 no Matryoshka structure, so the funnel recovers only ~5 % of their exact
 top-10: the recall figure is meaningful on trained embeddings.

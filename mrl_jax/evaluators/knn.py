@@ -37,9 +37,9 @@ registers and scores every dim as its chunk completes. `benchmarks/knn.py`
 (60k database rows x 10k queries, 2-core VM, all eval dims vs FAISS
 IndexFlatIP at the full dim only) measured the XLA program at 3.9x
 (d = 64, k = 1) and 17.5x (k = 100) FAISS's time, the native search at
-0.6-0.9x (d = 64, k = 1), 1.2-1.4x (d = 64, k = 100), 1.2x (d = 512, k = 1)
-and 1.4-1.6x (d = 512, k = 100); the figures are in the benchmark's
-docstring.
+0.6-0.9x (d = 64, k = 1), 1.0-1.3x (d = 64, k = 100), 1.1-1.2x (d = 512,
+k = 1) and 1.35-1.5x (d = 512, k = 100); the figures are in the
+benchmark's docstring.
 
 Queries are split over the devices (`mesh`, default: all of them); each
 device holds the whole database and searches its queries without any
