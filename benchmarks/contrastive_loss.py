@@ -49,7 +49,7 @@ panel of 32 x 256 rows, stores that panel's cumulative cotangent of every
 chunk and runs both gradient products as register-tiled GEMMs over it. Its
 values and gradients matched the XLA loss (relative 6e-8 and 5e-6 at B =
 4096), and called directly on 2 threads at B = 4096 it took ~210-260 ms
-forward and ~660-700 ms backward, about 1.2-1.3x the XLA full-dim loss +
+forward and ~660-700 ms backward, about 1.2-1.4x the XLA full-dim loss +
 gradient; but through jax.pure_callback (host copies of the inputs and
 outputs, padding and transposes of x and y per call) the jitted loss +
 gradient took 1.89x the full-dim loss at B = 4096 and 2.76x at B = 1024,
