@@ -80,67 +80,56 @@ def test_tiles_and_threads_do_not_change_results(num_queries, num_threads):
     np.testing.assert_array_equal(indices[1:], ref[..., :k])
 
 
-def test_many_pieces_of_whole_passes_do_not_change_results(monkeypatch):
-  # 8-query passes: 100 queries on 2 threads run as 13 pieces of one pass
-  # (the last one short), taken by whichever thread is free.
-  monkeypatch.setattr(knn_native, "_QUERY_BLOCK", 8)
-  monkeypatch.setattr(knn_native, "_BUFFER_BYTES", 8 * 16 * 9 * 3)
-  calls = []
+def _record_searches(monkeypatch):
+  """Wraps the library; returns the list of each mrl_knn_search call's arguments."""
   real = knn_native._library()
-
-  class Lib:  # the library, recording the query count of each search call
-    def __getattr__(self, name):
-      return getattr(real, name)
-
-    def mrl_knn_search(self, q, count, *rest):
-      calls.append(count)
-      return real.mrl_knn_search(q, count, *rest)
-
-  monkeypatch.setattr(knn_native, "_library", lambda: Lib())
-  rng = np.random.default_rng(9)
-  database = rng.normal(size=(300, 12)).astype(np.float32)
-  queries = rng.normal(size=(100, 12)).astype(np.float32)
-  for k in (1, 9):
-    calls.clear()
-    _, indices = knn_native.search(queries, database, [6, 12], k, np.ones(300, bool),
-                                   num_threads=2)
-    assert sorted(calls) == [4] + [8] * 12
-    np.testing.assert_array_equal(indices, _brute_force(queries, database, [6, 12], k))
-
-
-def _record_search_args(monkeypatch):
-  """Replaces the library with a wrapper; returns the list of (sample_step, sample_k)."""
-  real = knn_native._library()
-  seeds = []
+  searches = []
 
   class Lib:
     def __getattr__(self, name):
       return getattr(real, name)
 
     def mrl_knn_search(self, *args):
-      seeds.append(args[-2:])
+      searches.append(args)
       return real.mrl_knn_search(*args)
 
   monkeypatch.setattr(knn_native, "_library", lambda: Lib())
-  return seeds
+  return searches
+
+
+def test_many_pieces_of_whole_passes_do_not_change_results(monkeypatch):
+  # 8-query passes: 100 queries on 2 threads run as 13 pieces of one pass
+  # (the last one short), taken by whichever thread is free.
+  monkeypatch.setattr(knn_native, "_QUERY_BLOCK", 8)
+  monkeypatch.setattr(knn_native, "_BUFFER_BYTES", 8 * 16 * 9 * 3)
+  searches = _record_searches(monkeypatch)
+  rng = np.random.default_rng(9)
+  database = rng.normal(size=(300, 12)).astype(np.float32)
+  queries = rng.normal(size=(100, 12)).astype(np.float32)
+  for k in (1, 9):
+    searches.clear()
+    _, indices = knn_native.search(queries, database, [6, 12], k, np.ones(300, bool),
+                                   num_threads=2)
+    assert sorted(args[1] for args in searches) == [4] + [8] * 12  # query counts
+    np.testing.assert_array_equal(indices, _brute_force(queries, database, [6, 12], k))
 
 
 def test_seeded_thresholds_are_used_for_large_k_and_give_the_exact_top_k(monkeypatch):
   # 6000 rows, k = 40: every 32nd block of 16 rows seeds the thresholds.
-  seeds = _record_search_args(monkeypatch)
+  searches = _record_searches(monkeypatch)
   rng = np.random.default_rng(12)
   database = rng.normal(size=(6000, 24)).astype(np.float32)
   queries = rng.normal(size=(11, 24)).astype(np.float32)
   dims = [3, 6, 12, 24]
   _, indices = knn_native.search(queries, database, dims, 40, np.ones(6000, bool),
                                  num_threads=1)
-  assert seeds == [(32, knn_native._seed_rank(40, 1 / 32))]
+  assert [args[-2:] for args in searches] == [(32, knn_native._seed_rank(40, 1 / 32))]
   np.testing.assert_array_equal(indices, _brute_force(queries, database, dims, 40))
   # Small k, or too few rows per neighbour: no seeds.
-  seeds.clear()
+  searches.clear()
   knn_native.search(queries, database, dims, 20, np.ones(6000, bool), num_threads=1)
   knn_native.search(queries, database[:5000], dims, 40, np.ones(5000, bool), num_threads=1)
-  assert seeds == [(0, 0), (0, 0)]
+  assert [args[-2:] for args in searches] == [(0, 0), (0, 0)]
 
 
 @pytest.mark.parametrize("generic", [False, True])

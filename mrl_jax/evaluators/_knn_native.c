@@ -345,14 +345,9 @@ INLINE void tile_pass(const float *qt, int64_t d, const float *xb,
         float t = state[at].thr;
         v8f tv = {t, t, t, t, t, t, t, t};
         uint32_t h = HITS(avx2, s0, s1, tv); /* strict: earlier rows win ties */
-        if (k == 1 || sparse) {
-          if (__builtin_expect(h != 0, 0)) { /* ~ln N times per list */
-            masks[at] = h;
-            *(v8f_u *)(parked + at * RB) = s0;
-            *(v8f_u *)(parked + at * RB + 8) = s1;
-            pending[npending++] = (int32_t)at;
-          }
-        } else {
+        /* Rare hits (k == 1, sparse): a branch almost never taken; else
+         * every pair parks and only the pending count depends on h. */
+        if (!(k == 1 || sparse) || __builtin_expect(h != 0, 0)) {
           masks[at] = h;
           *(v8f_u *)(parked + at * RB) = s0;
           *(v8f_u *)(parked + at * RB + 8) = s1;
@@ -437,6 +432,9 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
      * the list then takes ~sample_k / f candidates instead of ~k ln(N / k). */
     int seeded = k > 1 && sample_step > 0 && sample_k > 0 && sample_k <= k;
     if (seeded) {
+      /* The sample's top-ks lists (ks >= 2: buffers, as in the full pass;
+       * ks <= k, so they fit in the full pass's buffers). */
+      int64_t ks = sample_k < 2 ? 2 : sample_k;
       for (size_t a = 0; a < n; a++) {
         state[a].thr = -INFINITY;
         state[a].count = 0;
@@ -447,20 +445,17 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
         for (int64_t t = 0; t < ntiles; t++) {
           size_t off = (size_t)(t * num_dims * QB);
           tile_pass(qbuf + t * QB * d, d, xb, xinv, b0, b1, sample_step, bounds, num_dims,
-                    sample_k, cand_s + off * BUF(sample_k), cand_r + off * BUF(sample_k),
-                    state + off, tmp, parked, masks, pending, perm, 0, avx2);
+                    ks, cand_s + off * BUF(ks), cand_r + off * BUF(ks), state + off, tmp,
+                    parked, masks, pending, perm, 0, avx2);
         }
       }
       for (size_t a = 0; a < n; a++) {
         int64_t cnt = state[a].count;
-        float t0 = -INFINITY;
-        if (sample_k == 1) { /* the k == 1 search: thr is the best score, count its row */
-          if (cnt >= 0) t0 = state[a].thr;
-        } else if (cnt >= sample_k) {
-          memcpy(tmp, cand_s + a * BUF(sample_k), (size_t)cnt * sizeof(float));
-          t0 = kth_largest(tmp, cnt, sample_k);
+        seed[a] = -INFINITY;
+        if (cnt >= sample_k) {
+          memcpy(tmp, cand_s + a * BUF(ks), (size_t)cnt * sizeof(float));
+          seed[a] = kth_largest(tmp, cnt, sample_k);
         }
-        seed[a] = t0;
       }
     }
     /* k == 1: count holds the best row (-1: none yet). */
@@ -481,14 +476,14 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
     }
     /* Seeded lists with fewer than k candidates (all of a list's
      * candidates beat its seed) are searched again from -inf, the tile's
-     * other lists held at +inf (nothing beats it) meanwhile. */
+     * other lists held at +inf (nothing beats it) meanwhile. The results
+     * below read only the buffers, so no threshold needs restoring. */
     for (int64_t t = 0; seeded && t < ntiles; t++) {
       size_t off = (size_t)(t * num_dims * QB);
       int redo = 0;
       for (size_t a = off; a < off + (size_t)(num_dims * QB); a++) {
         int real = t * QB + (int64_t)(a % QB) < nqb; /* not a padding query */
         int again = real && state[a].count < k && seed[a] > -INFINITY;
-        seed[a] = state[a].thr;
         state[a].thr = again ? -INFINITY : INFINITY;
         if (again) state[a].count = 0;
         redo |= again;
@@ -497,9 +492,6 @@ INLINE int search_body(const float *q, int64_t nq, int64_t d, const float *xb,
         tile_pass(qbuf + t * QB * d, d, xb, xinv, 0, nblk, 1, bounds, num_dims, k,
                   cand_s + off * BUF(k), cand_r + off * BUF(k), state + off, tmp, parked,
                   masks, pending, perm, 0, avx2);
-      }
-      for (size_t a = off; a < off + (size_t)(num_dims * QB); a++) {
-        if (state[a].thr == INFINITY) state[a].thr = seed[a];
       }
     }
     /* Results [D, out_q_stride, k] for this block's queries. */
