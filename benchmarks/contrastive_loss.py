@@ -62,6 +62,21 @@ inside the call they took ~210-350 ms forward and ~690-800 ms backward at
 B = 4096 and ~80 ms padding and transposing x and y, so the kernels alone
 are ~1.4x the full-dim loss and the backward (recompute, cotangents, two
 products: 3 of the 4 B x B x d passes) is what has to get faster.
+
+A second design (not in the package either): 6 x 16 register tiles (gcc
+kept the earlier arrays of accumulators on the stack: 32 against 78
+GFLOP/s per core in a microbenchmark), the batch padded to a multiple of 48
+and masked, every prefix's dots stored with streaming stores so that the
+backward does the two gradient products and no recompute, and the handlers
+written in C against XLA's FFI C API header, so the package could build
+them without jaxlib. Same values and gradients (relative 2e-7 to 2.5e-6).
+Jitted loss + gradient / full-dim loss: 1.49-1.98 at B = 4096 (XLA chunked
+1.76-1.99 in the same runs) and 1.92-2.58 at B = 1024 (XLA 1.70-2.01). At
+B = 4096 the forward swings between 320 and 995 ms with the fresh 477 MB
+output buffer XLA allocates per call for the dots (page faults); reusing
+one buffer across calls gave 1.30 and 1.46. At B = 1024 the kernels run at
+~80-94 GFLOP/s on 2 threads while XLA's whole full-dim loss runs at ~112
+effective, so <= 1.3 there needs faster products, not less overhead.
 """
 import statistics
 import time
