@@ -5,78 +5,60 @@ r"""Nested contrastive loss vs the single full-dim loss: loss + gradient time.
 
 For each kind ('softmax', 'sigmoid') and batch size B, with d = 768 and the 7
 prefixes [12, 24, 48, 96, 192, 384, 768], times jax.value_and_grad (wrt both
-towers) of three jitted losses on the same inputs:
+towers) of the jitted losses on the same inputs:
 
   full    the single full-dim loss, `contrastive(x, y, [768])`: the baseline
   chunked all 7 prefixes in the chunked cumulative form, `contrastive(x, y,
           dims)`: one B x B x d matmul plus O(7 B^2) elementwise work
+  native  the same loss, `impl='native'` (softmax only, when the package was
+          built with its C extension): the chunked form fused in one CPU
+          kernel, the prefix dots kept in registers (`contrastive_native`)
   naive   7 independent losses, one per truncated prefix: sum_m B^2 m FLOPs
 
 and prints each time and its ratio to `full`. Timings are medians over
---reps runs after one warm-up run; the three variants are run in turn within
-each rep, so load from other processes hits them alike.
+--reps runs after one warm-up run; the variants are run in turn within each
+rep, so load from other processes hits them alike.
 
-Measured on a shared 2-core AMD EPYC VM (CPU, float32) while another long
-job loaded it, so single figures move by ~10%: chunked / full about 1.5 at
-B = 1024 (softmax 1.50, sigmoid 1.54) and 1.4-1.5 at B = 4096 (softmax 1.41,
-sigmoid 1.48); naive / full about 2.7. Before the hand-written loss
-gradients (custom_vjp, one exp per logit), the same runs gave chunked / full
-1.76 / 1.66 at B = 1024 and 1.69 / 1.68 at B = 4096. The chunked matmuls
-cost about what the full one does; the excess is the per-prefix B x B
-elementwise work (exp, log-sum-exp sums or softplus, the cotangent of the
-dots and the row / column sums for the norm gradients), roughly 0.07 of
-the full loss per prefix.
+Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
+single figures move by 10-25 % from run to run. Three runs of
+`--reps=5 --kinds=softmax` with the final kernel, native / full (chunked /
+full in the same runs):
 
-A later run on the same VM with little other load (the full loss faster:
-44.7 ms at B = 1024 instead of ~80) gave larger ratios, since the excess
-does not shrink with the matmul: chunked / full 2.20 (softmax) and 1.54
-(sigmoid) at B = 1024, 1.98 and 1.77 at B = 4096; naive 2.7-3.5. Measured
-pieces at B = 4096 (one process, medians of 5): the seven chunk matmuls'
-forward alone, each writing its own B x B partial sum, 551 ms against 198 ms
-for the one full matmul; their backward 605 ms against 381 ms. A prototype
-that tiles the forward over 256-row blocks of x (chunk matmuls, exps and row
-/ column sums per tile, nothing B x B stored) still took 317 ms, 1.6 times
-the full forward, before any backward: on XLA:CPU the small-K chunk matmuls
-do not reach the full matmul's FLOP rate, so <= 1.3 needs a fused kernel
-(or an accelerator, where it is yet to be measured).
+  B = 1024:  1.30, 1.49, 1.37   (chunked 1.84, 2.10, 2.11)
+  B = 4096:  1.28, 1.13, 1.31   (chunked 2.06, 2.07, 2.12)
 
-A later run (--reps=3): softmax 1.64 (B = 1024) and 1.84 (B = 4096),
-sigmoid 2.07 and 1.58; naive 2.5-3.3. A fused C kernel for the softmax
-loss of all prefixes was built and measured but is not in the package: its
-forward keeps a 4 x 16 tile of running dots in registers and exponentiates
-each prefix as its chunk completes; its backward recomputes the dots per
-panel of 32 x 256 rows, stores that panel's cumulative cotangent of every
-chunk and runs both gradient products as register-tiled GEMMs over it. Its
-values and gradients matched the XLA loss (relative 6e-8 and 5e-6 at B =
-4096), and called directly on 2 threads at B = 4096 it took ~210-260 ms
-forward and ~660-700 ms backward, about 1.2-1.4x the XLA full-dim loss +
-gradient; but through jax.pure_callback (host copies of the inputs and
-outputs, padding and transposes of x and y per call) the jitted loss +
-gradient took 1.89x the full-dim loss at B = 4096 and 2.76x at B = 1024,
-no better than XLA's chunked form. Storing the prefix dots for the
-backward instead of recomputing them (7 x B^2 floats, 470 MB at B = 4096)
-was slower on this VM. As an XLA FFI custom call on XLA's own buffers
-instead of a host callback, the same kernels gave 1.71-1.78x at B = 4096
-(XLA chunked 1.92-2.00 in the same runs) and 2.27x at B = 1024 (XLA 2.68):
-inside the call they took ~210-350 ms forward and ~690-800 ms backward at
-B = 4096 and ~80 ms padding and transposing x and y, so the kernels alone
-are ~1.4x the full-dim loss and the backward (recompute, cotangents, two
-products: 3 of the 4 B x B x d passes) is what has to get faster.
+naive / full 2.7-3.4 in the same runs. Earlier runs of the whole benchmark
+(before the native kernel) gave chunked / full 1.5-2.2 for softmax and
+1.5-2.1 for sigmoid, naive 2.5-3.5.
 
-A second design (not in the package either): 6 x 16 register tiles (gcc
-kept the earlier arrays of accumulators on the stack: 32 against 78
-GFLOP/s per core in a microbenchmark), the batch padded to a multiple of 48
-and masked, every prefix's dots stored with streaming stores so that the
-backward does the two gradient products and no recompute, and the handlers
-written in C against XLA's FFI C API header, so the package could build
-them without jaxlib. Same values and gradients (relative 2e-7 to 2.5e-6).
-Jitted loss + gradient / full-dim loss: 1.49-1.98 at B = 4096 (XLA chunked
-1.76-1.99 in the same runs) and 1.92-2.58 at B = 1024 (XLA 1.70-2.01). At
-B = 4096 the forward swings between 320 and 995 ms with the fresh 477 MB
-output buffer XLA allocates per call for the dots (page faults); reusing
-one buffer across calls gave 1.30 and 1.46. At B = 1024 the kernels run at
-~80-94 GFLOP/s on 2 threads while XLA's whole full-dim loss runs at ~112
-effective, so <= 1.3 there needs faster products, not less overhead.
+Why XLA's chunked form costs ~2x on a CPU: its seven chunk matmuls (K = 12,
+12, 24, ... features) each write and re-read a B x B partial sum and do not
+reach the one full matmul's FLOP rate (measured pieces at B = 4096: their
+forward 551 ms against 198 ms for the full matmul, their backward 605
+against 381), and every prefix adds B x B elementwise passes (exp, the
+log-sum-exp sums, the cotangent of the dots, the norms' row and column
+sums), ~0.07-0.15 of the full loss each. A prototype that tiled the XLA
+forward over 256-row blocks of x still took 1.6x the full forward.
+
+What the native kernel does instead (mrl_jax/_contrastive_native.c): a 4 x
+24 register tile accumulates the dots chunk by chunk, so after chunk m the
+accumulators are the prefix-m dots and only that prefix's exps and sums are
+added on top of one full-dim pass; the forward stores every prefix's dots
+(B^2 M floats, in one buffer reused from call to call) so the backward does
+the two gradient products the full-dim loss does, over panels of the
+cumulative cotangent of each chunk, and no recompute of the dots; the
+norms, diagonal and label-smoothing terms are in C too, so the jitted step
+is two custom calls. On its own (2 threads, best of 30) the kernel takes
+~13 ms forward and ~26-29 ms backward at B = 1024, its matrix products at
+~75 % of the FMA peak; XLA's whole full-dim loss takes 33-43 ms there.
+What did not pay: recomputing the dots in the backward instead of storing
+them (4 B x B x d passes instead of 3: 1.7-2.3x); a fresh XLA output buffer
+for the stored dots per call (its page faults cost ~400 ms a step at B =
+4096: 1.5-2.0x); a host callback instead of the FFI custom calls (copies
+and padding per call: 1.9-2.8x); 6 x 16 tiles, which pad the batch to 48s
+(no faster than 4 x 24); other backward panel shapes (48-144 x rows by
+96-192 y rows: the same or slower); regular instead of streaming stores for
+the dots at B = 1024 (no change).
 """
 import statistics
 import time
@@ -87,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax import contrastive_native
 from mrl_jax import matryoshka as mrl
 
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1024', '4096'],
@@ -113,6 +96,8 @@ def _variants(kind, dims):
   fns = {'full': lambda x, y: mrl.contrastive(x, y, [d], **kw),
          'chunked': lambda x, y: mrl.contrastive(x, y, dims, **kw),
          'naive': naive}
+  if kind == 'softmax' and contrastive_native.available():
+    fns['native'] = lambda x, y: mrl.contrastive(x, y, dims, **kw, impl='native')
   return {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
           for name, fn in fns.items()}
 
@@ -139,7 +124,7 @@ def main(argv):
         f'{len(jax.devices())} device(s); d={d}, nesting_dims={dims}; '
         f'value_and_grad wrt x and y, median of {_REPS.value} reps')
   print(f'{"kind":8s} {"B":>5s} {"full ms":>9s} {"chunked ms":>11s} '
-        f'{"ratio":>6s} {"naive ms":>9s} {"ratio":>6s}')
+        f'{"ratio":>6s} {"native ms":>10s} {"ratio":>6s} {"naive ms":>9s} {"ratio":>6s}')
   rng = np.random.default_rng(0)
   for kind in _KINDS.value:
     fns = _variants(kind, dims)
@@ -147,8 +132,10 @@ def main(argv):
       x = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
       y = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
       t = _time(fns, x, y, _REPS.value)
+      native = (f'{1e3 * t["native"]:10.1f} {t["native"] / t["full"]:6.2f}'
+                if 'native' in t else f'{"-":>10s} {"-":>6s}')
       print(f'{kind:8s} {b:5d} {1e3 * t["full"]:9.1f} '
-            f'{1e3 * t["chunked"]:11.1f} {t["chunked"] / t["full"]:6.2f} '
+            f'{1e3 * t["chunked"]:11.1f} {t["chunked"] / t["full"]:6.2f} {native} '
             f'{1e3 * t["naive"]:9.1f} {t["naive"] / t["full"]:6.2f}',
             flush=True)
 

@@ -472,7 +472,8 @@ def prefix_cosines(x, y, nesting_dims) -> jax.Array:
 
 def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
                         temperature, bias=None,
-                        label_smoothing: float = 0.0) -> jax.Array:
+                        label_smoothing: float = 0.0,
+                        impl: str = 'xla') -> jax.Array:
   """Unweighted contrastive loss of every prefix: -> [M] float32.
 
   Args:
@@ -492,35 +493,43 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       scalar or one per prefix [M]. SigLIP starts at -10.
     label_smoothing: eps, for kind='softmax' only: the target of row i is
       (1 - eps) * onehot(i) + eps / B, in both directions.
+    impl: 'xla' (default) computes the loss as XLA ops, which every backend
+      runs and shards. 'native' (kind='softmax', a build with the C
+      extension, the CPU backend) runs the B x B part as one fused CPU
+      kernel for all prefixes (`contrastive_native`, XLA FFI custom calls):
+      for training on a single CPU device, where it costs about what the one
+      full-dim loss does; same values and gradients to float32 rounding.
 
   The batch is whatever x and y hold: under jit with x and y sharded along
   the batch, XLA inserts the collectives and every prefix's loss is over the
   global B x B similarities. Math is float32 whatever the input dtype.
   """
   dims = _check_contrastive(x, y, nesting_dims, None, kind, temperature, bias,
-                            label_smoothing)[0]
+                            label_smoothing, impl)[0]
   return _contrastive_per_dim(x, y, dims, kind, temperature, bias,
-                              label_smoothing)
+                              label_smoothing, impl)
 
 
 def contrastive(x, y, nesting_dims, weights=None, *, kind: str = 'softmax',
                 temperature, bias=None,
-                label_smoothing: float = 0.0) -> jax.Array:
+                label_smoothing: float = 0.0, impl: str = 'xla') -> jax.Array:
   """Nested contrastive loss sum_m c_m * L_m(x[:, :m], y[:, :m]): a SUM.
 
   `weights` are the c_m (default all 1); everything else as
   `contrastive_per_dim`, which gives the [M] per-prefix losses to log.
   """
   dims, weights = _check_contrastive(x, y, nesting_dims, weights, kind,
-                                     temperature, bias, label_smoothing)
+                                     temperature, bias, label_smoothing, impl)
   per_dim = _contrastive_per_dim(x, y, dims, kind, temperature, bias,
-                                 label_smoothing)
+                                 label_smoothing, impl)
   return jnp.sum(jnp.asarray(weights, jnp.float32) * per_dim)
 
 
-def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps):
+def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
   n = len(dims)
   inv_tau = 1.0 / _per_prefix(temperature, n)  # [M]
+  if impl == 'native':
+    return _softmax_native(x, y, dims, inv_tau, eps)
   if kind == 'sigmoid':
     bias = _per_prefix(bias, n)  # [M]
   losses = []
@@ -537,6 +546,17 @@ def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps):
     else:
       losses.append(_sigmoid_contrastive(dots, a, inv_y, bias[k]))
   return jnp.stack(losses)
+
+
+def _softmax_native(x, y, dims, inv_tau, eps):
+  """The softmax loss of every prefix in the native CPU kernel: [M].
+
+  `contrastive_native.softmax_loss` computes what `_softmax_fwd` does for
+  each prefix, norms and label smoothing included, as two XLA FFI calls.
+  """
+  from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
+  return contrastive_native.softmax_loss(x.astype(jnp.float32), y.astype(jnp.float32),
+                                         tuple(int(m) for m in dims), inv_tau, float(eps))
 
 
 def _scaled(dots, a, c):  # logits l_ij = dots_ij * a_i * c_j
@@ -662,9 +682,17 @@ def _per_prefix(value, n):  # scalar or [M] -> [M] float32
   return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (n,))
 
 
+CONTRASTIVE_IMPLS = ('xla', 'native')
+
+
 def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
-                       label_smoothing):
+                       label_smoothing, impl='xla'):
   """Validates `contrastive` arguments; returns (dims, weights)."""
+  if impl not in CONTRASTIVE_IMPLS:
+    raise ValueError(
+        f'contrastive: impl={impl!r} is unknown; use one of '
+        f"{list(CONTRASTIVE_IMPLS)} ('xla': XLA ops on any backend, 'native': "
+        'the fused CPU kernel, softmax only).')
   if kind not in CONTRASTIVE_KINDS:
     raise ValueError(
         f'contrastive: kind={kind!r} is unknown; use one of '
@@ -696,6 +724,22 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} must be a number '
         'in [0, 1), e.g. 0.0 (off) or 0.1.')
+  if impl == 'native':
+    from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
+    if kind != 'softmax':
+      raise ValueError(
+          f"contrastive: impl='native' computes kind='softmax' only, not "
+          f"kind={kind!r}; use impl='xla' for it.")
+    if jax.default_backend() != 'cpu':
+      raise ValueError(
+          f"contrastive: impl='native' is a CPU kernel, but the default backend is "
+          f"{jax.default_backend()!r}; use impl='xla' there.")
+    if len(dims) > contrastive_native.MAX_PREFIXES:
+      raise ValueError(
+          f"contrastive: impl='native' takes at most {contrastive_native.MAX_PREFIXES} "
+          f"prefixes, not {len(dims)}; use impl='xla'.")
+    if not contrastive_native.available():
+      contrastive_native._check_library()  # pylint: disable=protected-access
   if kind == 'sigmoid' and label_smoothing:
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} applies to '

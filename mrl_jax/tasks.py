@@ -33,7 +33,7 @@ def is_contrastive(config) -> bool:
   return config.model.name == "dual_encoder"
 
 
-def check_contrastive_config(config) -> None:
+def check_contrastive_config(config, mesh=None) -> None:
   """Rejects contrastive options that don't apply, before any compute."""
   if not config.dataset.get("text_key"):
     raise ValueError(
@@ -58,6 +58,20 @@ def check_contrastive_config(config) -> None:
     raise ValueError(
         f"config.contrastive.label_smoothing={c.label_smoothing!r} applies only "
         "to kind='softmax'; set it to 0.0 for the sigmoid loss.")
+  impl = c.get("impl", "xla")
+  if impl not in matryoshka.CONTRASTIVE_IMPLS:
+    raise ValueError(f"config.contrastive.impl={impl!r} is not one of "
+                     f"{matryoshka.CONTRASTIVE_IMPLS}.")
+  if impl == "native":
+    if kind != "softmax":
+      raise ValueError("config.contrastive.impl='native' computes the softmax loss only; "
+                       "use impl='xla' for kind='sigmoid'.")
+    devices = mesh.devices.size if mesh is not None else jax.device_count()
+    if devices != 1 or jax.default_backend() != "cpu":
+      raise ValueError(
+          "config.contrastive.impl='native' is a CPU kernel for one device, but this "
+          f"run has {devices} {jax.default_backend()} device(s) (several would each "
+          "compute the whole loss); use impl='xla' there.")
   if kind == "sigmoid" and c.get("max_scale") is not None:
     raise ValueError("config.contrastive.max_scale (CLIP's clip of the logit scale) "
                      "applies only to kind='softmax'.")
@@ -145,6 +159,7 @@ class ContrastiveTask(_Task):
     c = self.config.get("contrastive", {})
     if loss_params["kind"] == "softmax":
       loss_params["label_smoothing"] = c.get("label_smoothing", 0.0)
+      loss_params["impl"] = c.get("impl", "xla")
     per_dim = matryoshka.contrastive_per_dim(
         aux["embedding"], aux["text_embedding"], self.facts["head_dims"], **loss_params)
     extra = {"temperature": jnp.mean(loss_params["temperature"]),

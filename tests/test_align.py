@@ -17,6 +17,7 @@ import pytest
 
 from configs import align_vit_b16_bert_base
 from configs import fashion_mnist_align
+from mrl_jax import contrastive_native
 from mrl_jax import sharding
 from mrl_jax import tasks
 from mrl_jax import train
@@ -383,6 +384,24 @@ def test_contrastive_step_on_8_devices_equals_one_device(caption_data):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.skipif(not contrastive_native.available(),
+                    reason="the native contrastive loss was not built")
+def test_native_loss_steps_equal_xla_steps(caption_data):
+  """config.contrastive.impl='native' (one CPU device): the same losses and
+  learned temperature as the XLA loss, step by step from the same start."""
+  config = align_config(caption_data)
+  one = jax.devices()[:1]
+  xla, init = _train_steps(config, one, steps=3)
+  native_config = align_config(caption_data, **{"contrastive.impl": "native"})
+  native, _ = _train_steps(native_config, one, steps=3, init=init)
+  assert xla[2]["temperature"] != xla[0]["temperature"]
+  for a, b in zip(native, xla):
+    for k in ("loss", "loss_dim4", "loss_dim8", "loss_dim16", "temperature"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+  with pytest.raises(ValueError, match=r"impl='native' is a CPU kernel for one device"):
+    _check(native_config)  # the default mesh: 8 devices
+
+
 def test_ff_sigmoid_trains_the_full_dim_with_a_learned_bias(caption_data):
   """:ff and :sigmoid in one run (one compile): the fixed-feature baseline's
   loss is the full dim's only; SigLIP's bias and temperature are learned."""
@@ -539,6 +558,9 @@ def _check(config):
      r"config\.contrastive\.label_smoothing=0\.1"),
     ({"contrastive.kind": "sigmoid"}, ValueError, r"config\.contrastive\.max_scale"),
     ({"contrastive.kind": "hinge"}, ValueError, r"config\.contrastive\.kind='hinge'"),
+    ({"contrastive.impl": "cuda"}, ValueError, r"config\.contrastive\.impl='cuda'"),
+    ({"contrastive.kind": "sigmoid", "contrastive.max_scale": None,
+      "contrastive.impl": "native"}, ValueError, r"impl='native' computes the softmax"),
     ({"evals.linear": {"type": "linear"}}, ValueError, r"config\.evals\.linear\.type='linear'"),
     ({"evals.zeroshot.class_names": ["cat", "dog", "car"]}, ValueError,
      r"config\.evals\.zeroshot\.class_names has 3 names but the dataset has 4 classes"),

@@ -29,9 +29,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "../_native_cpu.h"
+#ifdef HAVE_AVX2_VERSION
 #include <immintrin.h>
-#define HAVE_AVX2_VERSION 1
 #endif
 
 #define QB 4  /* queries per register tile (4 x 2 accumulator vectors) */
@@ -639,14 +639,7 @@ static int force_generic = 0;
 void mrl_knn_force_generic(int on) { force_generic = on; }
 
 /* 1 if the AVX2 + FMA version runs on this CPU. */
-int mrl_knn_uses_avx2(void) {
-#ifdef HAVE_AVX2_VERSION
-  __builtin_cpu_init();
-  return !force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return 0;
-#endif
-}
+int mrl_knn_uses_avx2(void) { return mrl_cpu_runs_avx2(force_generic); }
 
 /* Queries q [nq, d] (row-major) against the prepared database; writes
  * out_s / out_i [D, out_q_stride, k] at query rows [0, nq) (the caller

@@ -21,12 +21,13 @@ import concurrent.futures
 import contextlib
 import ctypes
 import functools
-import importlib.machinery
 import math
 import os
 import pathlib
 
 import numpy as np
+
+from mrl_jax import native_library
 
 # Squared prefix norms are floored here, as in knn._prefix_inv_norms.
 _SQ_NORM_EPS = 1e-24
@@ -40,14 +41,9 @@ _BUFFER_BYTES = 4 << 20
 @functools.lru_cache(maxsize=1)
 def _library():
   """The compiled library, or None (no compiler at install time)."""
-  here = pathlib.Path(__file__).parent
-  for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-    path = here / f"_knn_native{suffix}"
-    if path.exists():
-      break
-  else:
+  lib = native_library.load(pathlib.Path(__file__).parent, "_knn_native")
+  if lib is None:
     return None
-  lib = ctypes.CDLL(str(path))
   ptr, i64 = ctypes.c_void_p, ctypes.c_int64
   lib.mrl_knn_search.restype = ctypes.c_int
   lib.mrl_knn_search.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64,

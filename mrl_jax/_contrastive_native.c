@@ -1,0 +1,1269 @@
+/* The nested softmax contrastive loss of every prefix, fused, on the CPU.
+ *
+ * The native counterpart of `matryoshka._softmax_fwd` for all the prefixes
+ * at once, for hosts without an accelerator: `contrastive_native.py` calls
+ * it as two XLA FFI custom calls (the handlers at the end of this file), on
+ * XLA's own buffers inside the jitted program.
+ *
+ * For prefix m (M of them) the logits are l_ij = <x_i[:m], y_j[:m]> a_i c_j
+ * (a_i = 1 / (|x_i[:m]| tau_m), c_j = 1 / |y_j[:m]|). The features are laid
+ * out in chunks between consecutive dims, each padded with zeros to a
+ * multiple of 8 (bounds[] are the padded offsets), and the batch is padded
+ * to a multiple of 24 rows, which every sum masks out (-inf row / column
+ * biases). A register tile of 4 x rows by 24 y rows accumulates the dot
+ * products chunk by chunk: after chunk m the running sums ARE the prefix-m
+ * dots. So every prefix costs elementwise work on registers on top of one
+ * full-dim pass; the chunk products never go through memory, as XLA's
+ * per-chunk matmuls on a CPU must.
+ *
+ * Forward: e = exp(l - shift_m) is summed along rows and columns, lse =
+ * shift + log(sum), and every prefix's dots are stored (tile-major, with
+ * streaming stores) for the backward pass, which then does the 2 matrix
+ * products the full-dim loss does and no third. shift_m >= max l - 70, so
+ * no e overflows; a prefix whose sums underflowed (< e^-60) gets exact
+ * max-shifted log-sum-exps from the stored dots instead, and two exps per
+ * logit in the backward (two[m] = 1).
+ *
+ * Backward: the cotangent of l_ij is G = gm (exp(l - lse_r_i) + exp(l -
+ * lse_c_j)), gm = g_m / (2 B), the softmax halves of both directions. With
+ * gd = G a_i c_j, panels of 96 x rows by 192 y rows hold
+ *   h_c = sum_{m >= c} gd_m     (chunk c feeds every prefix from c on)
+ * and then dx_i[chunk c] += sum_j h_c,ij y_j[chunk c] and dy_j[chunk c] +=
+ * sum_i h_c,ij x_i[chunk c] run as register-tiled (6 x 16) matrix products
+ * over the panel; ga_i = sum_j G dots c_j and gc_j = sum_i G dots a_i are
+ * the cotangents of the logit scales.
+ *
+ * The whole loss (mrl_contrastive_loss_forward / _backward) adds the O(B d)
+ * parts: the prefix norms, the diagonal and label-smoothing terms, and the
+ * gradients through the norms and the inverse temperatures. Rows are split
+ * over threads (pthreads; by default the CPUs this process may run on).
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "_native_cpu.h"
+
+#define TI 4    /* x rows per register tile */
+#define TJ 24   /* y rows per register tile (3 vectors) */
+#define ROWS 24 /* the batch is padded to a multiple of this (of TI, TJ and 6) */
+#define GROUP 32 /* x tiles per forward group (their rows stay in L2) */
+#define RUN 4    /* y blocks per forward run */
+#define KC 160   /* forward feature blocks: chunks merged up to >= KC ... */
+#define KMAX 256 /* ... and split down to <= KMAX features */
+#define PR 96    /* backward panel: x rows ... */
+#define PC 192   /* ... by y rows */
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE v8f load8(const float *p) { return *(const v8f_u *)p; }
+INLINE void store8(float *p, v8f v) { *(v8f_u *)p = v; }
+/* A store that bypasses the caches (p 32-byte aligned): for the stored dots,
+ * written once per call and read back only by the backward pass, which
+ * would otherwise evict the features every tile reads. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <xmmintrin.h>
+typedef float v4f __attribute__((vector_size(16)));
+INLINE void stream8(float *p, v8f v) {
+  v4f lo = {v[0], v[1], v[2], v[3]}, hi = {v[4], v[5], v[6], v[7]};
+  _mm_stream_ps(p, (__m128)lo);
+  _mm_stream_ps(p + 4, (__m128)hi);
+}
+#define STREAM_FENCE() _mm_sfence()
+#else
+INLINE void stream8(float *p, v8f v) { store8(p, v); }
+#define STREAM_FENCE() ((void)0)
+#endif
+/* Scalars broadcast through vector-scalar arithmetic (one vbroadcastss). */
+
+/* exp(x) to ~1 ulp for x <= 88 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2,
+ * a degree-6 polynomial in r, times 2^n); exactly 0 below -87.3, so a -inf
+ * argument (a padded row or column) adds nothing to any sum. */
+INLINE v8f vexp(v8f x) {
+  const float lo = -87.33654f;
+  v8i keep = (v8i)(x >= lo);
+  x = (v8f)(((v8i)x & keep) | ((v8i)((v8f){0} + lo) & ~keep));
+  const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+  v8f t = x * 1.44269504088896341f + magic;
+  v8f n = t - magic;
+  v8f r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  v8i bits = (v8i)p + (((v8i)t - 0x4B400000) << 23); /* + n in the exponent */
+  return (v8f)(bits & keep);
+}
+
+#define FOR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define FOR_TILE(X) X(0) X(1) X(2) X(3)
+
+/* ---------------------------------------------------------------------- */
+/* Forward.                                                               */
+/* ---------------------------------------------------------------------- */
+typedef struct {
+  int64_t bp, dp, m;      /* padded rows, padded features, prefixes */
+  const int32_t *bounds;  /* [m + 1] padded chunk offsets */
+  const float *xk;        /* [bp/4][dp][4]: x packed by tiles */
+  const float *yk;        /* [bp/24][dp][24]: y packed by blocks */
+  const float *a, *c;     /* [m][bp] logit scales (0 on padded rows) */
+  const float *cb;        /* [m][bp] column bias - shift_m (-inf on padded columns) */
+  const float *rb;        /* [bp] row bias: 0, or -inf on padded rows */
+  float *dots;            /* [bp/4][bp/24][m][4][24] */
+  float *rowp;            /* [m][bp][8] lane partials of the row sums */
+  int64_t nkb;            /* feature blocks */
+  const int32_t *kb;      /* [nkb + 1] their offsets */
+  int aligned;            /* dots is 32-byte aligned: stream the stores */
+} Fwd;
+
+/* One tile over features [k0, k1); acc holds the 12 accumulators between
+ * blocks. The prefixes whose chunk ends in (k0, k1] are finished here. */
+INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k1, float *st,
+                     int first, int last, float *colp) {
+  const int64_t dp = F->dp, bp = F->bp, nbj = bp / TJ;
+  const float *xt = F->xk + ti * dp * TI, *yb = F->yk + bj * dp * TJ;
+  const int64_t i0 = ti * TI, j0 = bj * TJ;
+#define DECL(q) v8f A##q##0, A##q##1, A##q##2;
+  FOR_TILE(DECL)
+#undef DECL
+  if (first) {
+#define ZERO(q) A##q##0 = A##q##1 = A##q##2 = (v8f){0};
+    FOR_TILE(ZERO)
+#undef ZERO
+  } else {
+#define LOAD(q) A##q##0 = load8(st + q * 24); A##q##1 = load8(st + q * 24 + 8); A##q##2 = load8(st + q * 24 + 16);
+    FOR_TILE(LOAD)
+#undef LOAD
+  }
+  int64_t f = k0;
+  int64_t m = 0;
+  while (F->bounds[m + 1] <= k0) m++;
+  for (;; m++) {
+    int64_t e = F->bounds[m + 1] < k1 ? F->bounds[m + 1] : k1;
+#pragma GCC unroll 4
+    for (; f < e; f++) {
+      const float *xf = xt + f * TI;
+      v8f y0 = load8(yb + f * TJ), y1 = load8(yb + f * TJ + 8), y2 = load8(yb + f * TJ + 16);
+#define FMA(q) { float xq = xf[q]; A##q##0 += xq * y0; A##q##1 += xq * y1; A##q##2 += xq * y2; }
+      FOR_TILE(FMA)
+#undef FMA
+    }
+    if (F->bounds[m + 1] > k1) break; /* the chunk goes on in the next block */
+    /* Prefix m is complete: store its dots, add its exps to the sums. */
+    float *dt = F->dots != NULL ? F->dots + ((ti * nbj + bj) * F->m + m) * (TI * TJ) : NULL;
+    const float *cm = F->c + m * bp + j0, *cbm = F->cb + m * bp + j0, *am = F->a + m * bp;
+    v8f c0 = load8(cm), c1 = load8(cm + 8), c2 = load8(cm + 16);
+    v8f b0 = load8(cbm), b1 = load8(cbm + 8), b2 = load8(cbm + 16);
+    v8f cs0 = {0}, cs1 = {0}, cs2 = {0};
+    float *rp = F->rowp + (m * bp + i0) * 8;
+#define EPI(q)                                                          \
+  {                                                                     \
+    if (dt == NULL) {                                                   \
+    } else if (F->aligned) {                                            \
+      stream8(dt + q * 24, A##q##0);                                    \
+      stream8(dt + q * 24 + 8, A##q##1);                                \
+      stream8(dt + q * 24 + 16, A##q##2);                               \
+    } else {                                                            \
+      store8(dt + q * 24, A##q##0);                                     \
+      store8(dt + q * 24 + 8, A##q##1);                                 \
+      store8(dt + q * 24 + 16, A##q##2);                                \
+    }                                                                   \
+    float aq = am[i0 + q], rq = F->rb[i0 + q];                          \
+    v8f e0 = vexp(A##q##0 * (aq * c0) + (b0 + rq));                     \
+    v8f e1 = vexp(A##q##1 * (aq * c1) + (b1 + rq));                     \
+    v8f e2 = vexp(A##q##2 * (aq * c2) + (b2 + rq));                     \
+    store8(rp + q * 8, load8(rp + q * 8) + ((e0 + e1) + e2));           \
+    cs0 += e0;                                                          \
+    cs1 += e1;                                                          \
+    cs2 += e2;                                                          \
+  }
+    FOR_TILE(EPI)
+#undef EPI
+    float *cp = colp + m * bp + j0;
+    store8(cp, load8(cp) + cs0);
+    store8(cp + 8, load8(cp + 8) + cs1);
+    store8(cp + 16, load8(cp + 16) + cs2);
+    if (F->bounds[m + 1] == k1) break;
+  }
+  if (!last) {
+#define STORE(q) store8(st + q * 24, A##q##0); store8(st + q * 24 + 8, A##q##1); store8(st + q * 24 + 16, A##q##2);
+    FOR_TILE(STORE)
+#undef STORE
+  }
+}
+
+/* x tiles [t0, t1) against every y block; colp: this call's zeroed [m][bp]
+ * column sums; st: GROUP * RUN * 96 floats of scratch. */
+INLINE void fwd_body(const Fwd *F, int64_t t0, int64_t t1, float *colp, float *st) {
+  const int64_t nbj = F->bp / TJ;
+  for (int64_t b0 = 0; b0 < nbj; b0 += RUN) {
+    int64_t b1 = b0 + RUN < nbj ? b0 + RUN : nbj;
+    for (int64_t g0 = t0; g0 < t1; g0 += GROUP) {
+      int64_t g1 = g0 + GROUP < t1 ? g0 + GROUP : t1;
+      for (int64_t k = 0; k < F->nkb; k++) {
+        for (int64_t b = b0; b < b1; b++) {
+          for (int64_t g = g0; g < g1; g++) {
+            fwd_tile(F, g, b, F->kb[k], F->kb[k + 1], st + ((b - b0) * GROUP + (g - g0)) * 96,
+                     k == 0, k == F->nkb - 1, colp);
+          }
+        }
+      }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+/* Backward.                                                              */
+/* ---------------------------------------------------------------------- */
+typedef struct {
+  int64_t bp, dp, m;
+  const int32_t *bounds;
+  const float *x, *y;     /* [dp/8][bp][8]: padded, in slabs of 8 features */
+  const float *a, *c;     /* [m][bp] */
+  const float *cb;        /* [m][bp] column bias - shift_m, or - lse_c where two[m] */
+  const float *rb;        /* [bp] */
+  const float *wr, *wc;   /* [m][bp] one exp: gm e^(shift - lse) of rows / columns;
+                             two exps: wr = row bias - lse_r, wc unused */
+  const float *colbias;   /* [bp] 0, or -inf on padded columns */
+  const int32_t *two;     /* [m] */
+  const float *gm;        /* [m] g_m / (2 B) */
+  const float *dots;      /* the forward's */
+} Bwd;
+
+/* The cotangents of one tile (4 x rows from i0, 24 y rows from block bj) of
+ * every prefix: ga / gc partials, and h of every chunk into the panel hp
+ * [m][PR][PC] at (pr, pc). gd: scratch [m][96]. */
+INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, float *gap, float *gcp, float *gd,
+                     float *hp, int64_t pr, int64_t pc) {
+  const int64_t bp = B->bp, M = B->m, nbj = bp / TJ, i0 = ti * TI, j0 = bj * TJ;
+  const float *dt = B->dots + (ti * nbj + bj) * M * (TI * TJ);
+  for (int64_t m = 0; m < M; m++, dt += TI * TJ) {
+    const float *cm = B->c + m * bp + j0, *am = B->a + m * bp;
+    const float *cbm = B->cb + m * bp + j0;
+    v8f cv[3], bv[3], gcv[3];
+    for (int v = 0; v < 3; v++) cv[v] = load8(cm + 8 * v), bv[v] = load8(cbm + 8 * v), gcv[v] = (v8f){0};
+    float *gp = gap + (m * bp + i0) * 8, *gdm = gd + m * 96;
+    if (!B->two[m]) {
+      const float *wcm = B->wc + m * bp + j0, *wrm = B->wr + m * bp;
+      v8f wv[3];
+      for (int v = 0; v < 3; v++) wv[v] = load8(wcm + 8 * v);
+      for (int q = 0; q < TI; q++) {
+        float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
+        v8f ga = {0};
+        for (int v = 0; v < 3; v++) {
+          v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v];
+          v8f g = vexp(dv * ac + (bv[v] + rq)) * (wv[v] + wq);
+          store8(gdm + q * 24 + 8 * v, g * ac);
+          v8f t = g * dv; /* G dots */
+          ga += t * cv[v];
+          gcv[v] += t * aq;
+        }
+        store8(gp + q * 8, load8(gp + q * 8) + ga);
+      }
+    } else { /* bv: colbias - lse_c; wr: row bias - lse_r */
+      const float *wrm = B->wr + m * bp, *cbias = B->colbias + j0;
+      float gmm = B->gm[m];
+      for (int q = 0; q < TI; q++) {
+        float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
+        v8f ga = {0};
+        for (int v = 0; v < 3; v++) {
+          v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v], l = dv * ac;
+          v8f g = (vexp(l + (load8(cbias + 8 * v) + wq)) + vexp(l + (bv[v] + rq))) * gmm;
+          store8(gdm + q * 24 + 8 * v, g * ac);
+          v8f t = g * dv;
+          ga += t * cv[v];
+          gcv[v] += t * aq;
+        }
+        store8(gp + q * 8, load8(gp + q * 8) + ga);
+      }
+    }
+    float *cp = gcp + m * bp + j0;
+    for (int v = 0; v < 3; v++) store8(cp + 8 * v, load8(cp + 8 * v) + gcv[v]);
+  }
+  /* Chunks from the largest down: h_c = sum of gd over the prefixes >= c. */
+  v8f h[TI][3];
+  for (int q = 0; q < TI; q++) h[q][0] = h[q][1] = h[q][2] = (v8f){0};
+  for (int64_t m = M - 1; m >= 0; m--) {
+    for (int q = 0; q < TI; q++) {
+      float *hr = hp + (m * PR + pr + q) * PC + pc;
+      for (int v = 0; v < 3; v++) {
+        h[q][v] += load8(gd + m * 96 + q * 24 + 8 * v);
+        store8(hr + 8 * v, h[q][v]);
+      }
+    }
+  }
+}
+
+/* out[r][f] += sum_k p(r, k) v[k][f] for 6 rows r, k < nk and the 16
+ * features [f, f + 16) (w16) or 8: p(r, k) = p[r * rs + k * ks]. v and out
+ * are in the slab layout of the backward's features, [dp / 8][bp][8]: they
+ * point at row 0 of f's slab, the next 8 features are `slab` floats on. */
+INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const float *v,
+                  float *out, int64_t slab, int w16) {
+#define DECL(q) v8f S##q##0, S##q##1;
+  FOR_ROWS(DECL)
+#undef DECL
+  if (w16) {
+    const float *v1 = v + slab;
+    float *o1 = out + slab;
+#define LOAD(q) S##q##0 = load8(out + q * 8); S##q##1 = load8(o1 + q * 8);
+    FOR_ROWS(LOAD)
+#undef LOAD
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < nk; k++) {
+      const float *pk = p + k * ks;
+      v8f a0 = load8(v + k * 8), a1 = load8(v1 + k * 8);
+#define FMA(q) { float w = pk[q * rs]; S##q##0 += w * a0; S##q##1 += w * a1; }
+      FOR_ROWS(FMA)
+#undef FMA
+    }
+#define STORE(q) store8(out + q * 8, S##q##0); store8(o1 + q * 8, S##q##1);
+    FOR_ROWS(STORE)
+#undef STORE
+  } else {
+#define LOAD(q) S##q##0 = load8(out + q * 8);
+    FOR_ROWS(LOAD)
+#undef LOAD
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < nk; k++) {
+      const float *pk = p + k * ks;
+      v8f a0 = load8(v + k * 8);
+#define FMA(q) S##q##0 += pk[q * rs] * a0;
+      FOR_ROWS(FMA)
+#undef FMA
+    }
+#define STORE(q) store8(out + q * 8, S##q##0);
+    FOR_ROWS(STORE)
+#undef STORE
+  }
+}
+
+/* x rows [r_begin, r_end) (multiples of 24) against every y row. dx: rows
+ * of this call, accumulated into; gap [m][bp][8] lane partials of ga, rows
+ * of this call; dyp [bp][dp], gcp [m][bp]: this call's zeroed partials;
+ * scratch: M * (96 + PR * PC) floats. */
+INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, float *dyp,
+                     float *gap, float *gcp, float *scratch) {
+  const int64_t bp = B->bp, M = B->m, slab = bp * 8;
+  float *gd = scratch, *hp = scratch + M * 96;
+  for (int64_t c0 = 0; c0 < bp; c0 += PC) {
+    int64_t nc = c0 + PC < bp ? PC : bp - c0;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += PR) {
+      int64_t nr = r0 + PR < r_end ? PR : r_end - r0;
+      /* (x tile, y block) in the order of the stored dots: a sequential read */
+      for (int64_t ti = r0 / TI; ti < (r0 + nr) / TI; ti++)
+        for (int64_t bj = c0 / TJ; bj < (c0 + nc) / TJ; bj++)
+          bwd_tile(B, ti, bj, gap, gcp, gd, hp, ti * TI - r0, bj * TJ - c0);
+      for (int64_t m = 0; m < M; m++) {
+        const float *h = hp + m * PR * PC;
+        int64_t lo = B->bounds[m], hi = B->bounds[m + 1];
+        for (int64_t f = lo; f < hi; f += 16) {
+          int w16 = f + 16 <= hi;
+          int64_t fs = (f / 8) * slab; /* f's slab */
+          /* dx_i[f] += sum_j h_ij y_j[f] */
+          for (int64_t r = 0; r < nr; r += 6)
+            gemm6(h + r * PC, PC, 1, nc, B->y + fs + c0 * 8, dx + fs + (r0 + r) * 8, slab, w16);
+          /* dy_j[f] += sum_i h_ij x_i[f] */
+          for (int64_t r = 0; r < nc; r += 6)
+            gemm6(h + r, 1, PC, nr, B->x + fs + r0 * 8, dyp + fs + (c0 + r) * 8, slab, w16);
+        }
+      }
+    }
+  }
+}
+
+/* Exact row and column log-sum-exps of prefix m from the stored dots (for a
+ * prefix whose one-shift sums underflowed): max-shifted, summed in double.
+ * Single-threaded: a rare path. lr, lc: [bp], padded entries untouched. */
+static void exact_lse(const float *dots, int64_t bp, int64_t M, int64_t m, int64_t b,
+                      const float *a, const float *c, float *lr, float *lc) {
+  const int64_t nbj = bp / TJ;
+  float *rmax = malloc(sizeof(float) * 2 * bp);
+  double *rsum = calloc(2 * bp, sizeof(double));
+  if (rmax == NULL || rsum == NULL) {
+    free(rmax);
+    free(rsum);
+    for (int64_t i = 0; i < b; i++) lr[i] = lc[i] = NAN;
+    return;
+  }
+  float *cmax = rmax + bp;
+  double *csum = rsum + bp;
+  for (int64_t i = 0; i < 2 * bp; i++) rmax[i] = -INFINITY;
+  for (int pass = 0; pass < 2; pass++) {
+    for (int64_t ti = 0; ti < bp / TI; ti++) {
+      for (int64_t bj = 0; bj < nbj; bj++) {
+        const float *dt = dots + ((ti * nbj + bj) * M + m) * (TI * TJ);
+        for (int q = 0; q < TI; q++) {
+          int64_t i = ti * TI + q;
+          if (i >= b) continue;
+          for (int r = 0; r < TJ; r++) {
+            int64_t j = bj * TJ + r;
+            if (j >= b) continue;
+            float l = dt[q * TJ + r] * a[i] * c[j];
+            if (pass == 0) {
+              if (l > rmax[i]) rmax[i] = l;
+              if (l > cmax[j]) cmax[j] = l;
+            } else {
+              rsum[i] += exp((double)l - rmax[i]);
+              csum[j] += exp((double)l - cmax[j]);
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < b; i++) {
+    lr[i] = (float)(rmax[i] + log(rsum[i]));
+    lc[i] = (float)(cmax[i] + log(csum[i]));
+  }
+  free(rmax);
+  free(rsum);
+}
+
+/* Each body compiled twice: with AVX2 + FMA where the CPU has them, and for
+ * the baseline instruction set. */
+#ifdef HAVE_AVX2_VERSION
+__attribute__((target("avx2,fma"))) static void fwd_avx2(const Fwd *F, int64_t t0, int64_t t1,
+                                                         float *colp, float *st) {
+  fwd_body(F, t0, t1, colp, st);
+}
+__attribute__((target("avx2,fma"))) static void bwd_avx2(const Bwd *B, int64_t r0, int64_t r1,
+                                                         float *dx, float *dyp, float *gap,
+                                                         float *gcp, float *scratch) {
+  bwd_body(B, r0, r1, dx, dyp, gap, gcp, scratch);
+}
+#endif
+static void fwd_generic(const Fwd *F, int64_t t0, int64_t t1, float *colp, float *st) {
+  fwd_body(F, t0, t1, colp, st);
+}
+static void bwd_generic(const Bwd *B, int64_t r0, int64_t r1, float *dx, float *dyp,
+                        float *gap, float *gcp, float *scratch) {
+  bwd_body(B, r0, r1, dx, dyp, gap, gcp, scratch);
+}
+
+static int force_generic = 0;
+static int num_threads_override = 0;
+
+/* on != 0: run the baseline version even where AVX2 + FMA exist (tests). */
+void mrl_contrastive_force_generic(int on) { force_generic = on; }
+
+/* n > 0: use n threads; 0: the CPUs this process may run on. */
+void mrl_contrastive_set_threads(int n) { num_threads_override = n > 0 ? n : 0; }
+
+/* 1 if the AVX2 + FMA version runs on this CPU. */
+int mrl_contrastive_uses_avx2(void) { return mrl_cpu_runs_avx2(force_generic); }
+
+static int num_threads(void) {
+  if (num_threads_override > 0) return num_threads_override;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Threads.                                                               */
+/* ---------------------------------------------------------------------- */
+typedef struct {
+  void (*fn)(void *ctx, int t, int n);
+  void *ctx;
+  int t, n;
+} Job;
+
+static void *job_main(void *p) {
+  Job *j = p;
+  j->fn(j->ctx, j->t, j->n);
+  return NULL;
+}
+
+/* fn(ctx, t, n) for t < n on n threads (the caller's is the last). */
+static void parallel(int n, void (*fn)(void *, int, int), void *ctx) {
+  Job jobs[64];
+  pthread_t th[64];
+  int started[64] = {0};
+  if (n > 64) n = 64;
+  for (int t = 0; t < n; t++) jobs[t] = (Job){fn, ctx, t, n};
+  for (int t = 0; t < n - 1; t++) started[t] = pthread_create(&th[t], NULL, job_main, &jobs[t]) == 0;
+  fn(ctx, n - 1, n);
+  for (int t = 0; t < n - 1; t++) {
+    if (started[t]) pthread_join(th[t], NULL);
+    else fn(ctx, t, n); /* no thread: run its share here */
+  }
+}
+
+/* [lo, hi) of whole units of `unit` rows for thread t of n over bp rows. */
+static void share(int64_t bp, int64_t unit, int t, int n, int64_t *lo, int64_t *hi) {
+  int64_t units = bp / unit;
+  *lo = unit * (units * t / n);
+  *hi = unit * (units * (t + 1) / n);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The whole forward and backward passes on unpadded inputs.              */
+/* ---------------------------------------------------------------------- */
+typedef struct {
+  int64_t b, d, bp, dp, m;
+  const int32_t *dims;
+  int32_t *bounds;
+} Shape;
+
+static int make_shape(Shape *s, int64_t b, int64_t d, int64_t m, const int32_t *dims) {
+  s->b = b;
+  s->d = d;
+  s->m = m;
+  s->dims = dims;
+  s->bp = (b + ROWS - 1) / ROWS * ROWS;
+  s->bounds = malloc(sizeof(int32_t) * (m + 1));
+  if (s->bounds == NULL) return -1;
+  s->bounds[0] = 0;
+  int32_t lo = 0;
+  for (int64_t k = 0; k < m; k++) {
+    s->bounds[k + 1] = s->bounds[k] + (dims[k] - lo + 7) / 8 * 8;
+    lo = dims[k];
+  }
+  s->dp = s->bounds[m];
+  return 0;
+}
+
+/* Bytes of the stored dots for a batch of b and m prefixes. */
+int64_t mrl_contrastive_dots_size(int64_t b, int64_t m) {
+  int64_t bp = (b + ROWS - 1) / ROWS * ROWS;
+  return bp * bp * m * (int64_t)sizeof(float);
+}
+
+typedef struct {
+  const Shape *s;
+  const float *x, *y, *a, *c, *shift;
+  float *xk, *yk, *ap, *cp, *cb, *rb, *rowp, **colp, *st;
+  Fwd F;
+  int avx2;
+} FwdJob;
+
+static void fwd_prep(void *p, int t, int n) {
+  FwdJob *J = p;
+  const Shape *s = J->s;
+  int64_t lo, hi;
+  share(s->bp, ROWS, t, n, &lo, &hi);
+  for (int64_t i = lo; i < hi; i++) { /* x by tiles, y by blocks, padded */
+    float *xr = J->xk + (i / TI) * s->dp * TI + i % TI;
+    float *yr = J->yk + (i / TJ) * s->dp * TJ + i % TJ;
+    int64_t f = 0;
+    for (int64_t k = 0; k < s->m; k++) {
+      int32_t c0 = k ? s->dims[k - 1] : 0;
+      for (; f < s->bounds[k + 1]; f++) {
+        int64_t src = c0 + f - s->bounds[k];
+        int ok = i < s->b && src < s->dims[k];
+        xr[f * TI] = ok ? J->x[i * s->d + src] : 0.0f;
+        yr[f * TJ] = ok ? J->y[i * s->d + src] : 0.0f;
+      }
+    }
+    J->rb[i] = i < s->b ? 0.0f : -INFINITY;
+    for (int64_t k = 0; k < s->m; k++) {
+      J->ap[k * s->bp + i] = i < s->b ? J->a[k * s->b + i] : 0.0f;
+      J->cp[k * s->bp + i] = i < s->b ? J->c[k * s->b + i] : 0.0f;
+      J->cb[k * s->bp + i] = i < s->b ? -J->shift[k] : -INFINITY;
+    }
+  }
+}
+
+static void fwd_run(void *p, int t, int n) {
+  FwdJob *J = p;
+  int64_t lo, hi;
+  share(J->s->bp, ROWS, t, n, &lo, &hi);
+  float *st = J->st + (int64_t)t * GROUP * RUN * 96;
+#ifdef HAVE_AVX2_VERSION
+  if (J->avx2) {
+    fwd_avx2(&J->F, lo / TI, hi / TI, J->colp[t], st);
+    return;
+  }
+#endif
+  fwd_generic(&J->F, lo / TI, hi / TI, J->colp[t], st);
+}
+
+/* x, y [b][d]; dims [m] increasing, the last <= d; a, c [m][b]; shift [m]
+ * with shift_m >= max l - 70. Out: lse_r, lse_c [m][b]; two [m]; dots
+ * (mrl_contrastive_dots_size bytes, 32-byte aligned or not; NULL: not
+ * stored). 0 on success, -1 out of memory. */
+int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d,
+                            const int32_t *dims, int64_t m, const float *a, const float *c,
+                            const float *shift, float *lse_r, float *lse_c, int32_t *two,
+                            float *dots) {
+  Shape s;
+  if (make_shape(&s, b, d, m, dims)) return -1;
+  int n = num_threads();
+  if (n > s.bp / ROWS) n = (int)(s.bp / ROWS);
+  FwdJob J = {0};
+  J.s = &s;
+  J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift;
+  int64_t bp = s.bp, dp = s.dp;
+  float *buf = NULL;
+  int32_t *kb = malloc(sizeof(int32_t) * (2 * dp / 8 + 2));
+  float **colp = malloc(sizeof(float *) * n);
+  size_t nbuf = 2 * bp * dp + 4 * m * bp + bp + (size_t)m * bp * 8 + (size_t)n * m * bp +
+                (size_t)n * GROUP * RUN * 96;
+  buf = aligned_alloc(64, (nbuf * sizeof(float) + 63) / 64 * 64);
+  if (kb == NULL || colp == NULL || buf == NULL) {
+    free(kb), free(colp), free(buf), free(s.bounds);
+    return -1;
+  }
+  J.xk = buf;
+  J.yk = J.xk + bp * dp;
+  J.ap = J.yk + bp * dp;
+  J.cp = J.ap + m * bp;
+  J.cb = J.cp + m * bp;
+  J.rb = J.cb + m * bp;
+  J.rowp = J.rb + bp;
+  float *colbase = J.rowp + m * bp * 8;
+  for (int t = 0; t < n; t++) colp[t] = colbase + (int64_t)t * m * bp;
+  J.colp = colp;
+  J.st = colbase + (int64_t)n * m * bp;
+  memset(J.rowp, 0, sizeof(float) * (m * bp * 8 + (size_t)n * m * bp));
+  /* Feature blocks: whole chunks merged up to >= KC, long ones split. */
+  int64_t nkb = 0;
+  kb[0] = 0;
+  for (int64_t k = 0; k < m; k++) {
+    int32_t end = s.bounds[k + 1];
+    while (end - kb[nkb] > KMAX) {
+      kb[nkb + 1] = kb[nkb] + ((end - kb[nkb]) > 2 * KMAX ? KMAX : (end - kb[nkb]) / 16 * 8);
+      nkb++;
+    }
+    if (end - kb[nkb] >= KC || k == m - 1) kb[++nkb] = end;
+  }
+  J.F = (Fwd){bp, dp, m, s.bounds, J.xk, J.yk, J.ap, J.cp, J.cb, J.rb, dots, J.rowp, nkb, kb,
+           ((uintptr_t)dots & 31) == 0};
+  J.avx2 = mrl_contrastive_uses_avx2();
+#ifdef MADV_HUGEPAGE
+  if (dots != NULL) { /* 2 MB pages for the stored dots: ~240 page faults per GB, not ~250k */
+    uintptr_t p0 = ((uintptr_t)dots + (1 << 21) - 1) & ~(uintptr_t)((1 << 21) - 1);
+    uintptr_t p1 = ((uintptr_t)dots + mrl_contrastive_dots_size(b, m)) & ~(uintptr_t)((1 << 21) - 1);
+    if (p1 > p0) madvise((void *)p0, p1 - p0, MADV_HUGEPAGE);
+  }
+#endif
+  parallel(n, fwd_prep, &J);
+  parallel(n, fwd_run, &J);
+  if (J.F.aligned) STREAM_FENCE();
+  /* Sums -> log-sum-exps; a prefix whose sums underflowed gets exact ones. */
+  for (int64_t k = 0; k < m; k++) {
+    float lo_sum = INFINITY;
+    for (int64_t i = 0; i < b; i++) {
+      const float *rp = J.rowp + (k * bp + i) * 8;
+      float r = ((rp[0] + rp[1]) + (rp[2] + rp[3])) + ((rp[4] + rp[5]) + (rp[6] + rp[7]));
+      float cs = 0.0f;
+      for (int t = 0; t < n; t++) cs += colp[t][k * bp + i];
+      lse_r[k * b + i] = shift[k] + logf(r);
+      lse_c[k * b + i] = shift[k] + logf(cs);
+      if (r < lo_sum) lo_sum = r;
+      if (cs < lo_sum) lo_sum = cs;
+    }
+    two[k] = !(lo_sum >= 8.75651076e-27f); /* e^-60 */
+    if (two[k] && dots == NULL) { /* rare: compute and store the dots, then the exact sums */
+      free(kb), free(colp), free(buf), free(s.bounds);
+      int64_t bytes = mrl_contrastive_dots_size(b, m);
+      float *tmp = aligned_alloc(64, (bytes + 63) / 64 * 64);
+      if (tmp == NULL) return -1;
+      int rc = mrl_contrastive_forward(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, tmp);
+      free(tmp);
+      return rc;
+    }
+    if (two[k]) exact_lse(dots, bp, m, k, b, J.ap + k * bp, J.cp + k * bp, lse_r + k * b,
+                          lse_c + k * b);
+  }
+  free(kb);
+  free(colp);
+  free(buf);
+  free(s.bounds);
+  return 0;
+}
+
+typedef struct {
+  const Shape *s;
+  const float *x, *y, *a, *c, *shift, *lse_r, *lse_c, *g;
+  const int32_t *two;
+  float *xp, *yp, *ap, *cp, *cb, *rb, *wr, *wc, *colbias, *gm, *dxp, **dyp, *gap, **gcp, *scratch;
+  float *dx, *dy, *ga, *gc;
+  Bwd B;
+  int avx2;
+} BwdJob;
+
+static void bwd_prep(void *p, int t, int n) {
+  BwdJob *J = p;
+  const Shape *s = J->s;
+  int64_t lo, hi, m = s->m, bp = s->bp;
+  share(bp, ROWS, t, n, &lo, &hi);
+  for (int64_t i = lo; i < hi; i++) { /* x, y in slabs [dp/8][bp][8] */
+    float *xr = J->xp + i * 8, *yr = J->yp + i * 8;
+    int64_t f = 0;
+    for (int64_t k = 0; k < m; k++) {
+      int32_t c0 = k ? s->dims[k - 1] : 0;
+      for (; f < s->bounds[k + 1]; f++) {
+        int64_t src = c0 + f - s->bounds[k], o = (f / 8) * bp * 8 + f % 8;
+        int ok = i < s->b && src < s->dims[k];
+        xr[o] = ok ? J->x[i * s->d + src] : 0.0f;
+        yr[o] = ok ? J->y[i * s->d + src] : 0.0f;
+      }
+    }
+    int valid = i < s->b;
+    J->rb[i] = valid ? 0.0f : -INFINITY;
+    J->colbias[i] = valid ? 0.0f : -INFINITY;
+    for (int64_t k = 0; k < m; k++) {
+      int64_t o = k * bp + i, u = k * s->b + i;
+      J->ap[o] = valid ? J->a[u] : 0.0f;
+      J->cp[o] = valid ? J->c[u] : 0.0f;
+      if (!J->two[k]) {
+        J->cb[o] = valid ? -J->shift[k] : -INFINITY;
+        J->wr[o] = valid ? J->gm[k] * expf(J->shift[k] - J->lse_r[u]) : 0.0f;
+        J->wc[o] = valid ? J->gm[k] * expf(J->shift[k] - J->lse_c[u]) : 0.0f;
+      } else {
+        J->cb[o] = valid ? -J->lse_c[u] : -INFINITY;
+        J->wr[o] = valid ? -J->lse_r[u] : -INFINITY;
+        J->wc[o] = 0.0f;
+      }
+    }
+  }
+  /* this thread's zeroed partials */
+  memset(J->dyp[t], 0, sizeof(float) * bp * s->dp);
+  memset(J->gcp[t], 0, sizeof(float) * m * bp);
+  for (int64_t f = 0; f < s->dp; f += 8)
+    memset(J->dxp + f * bp + lo * 8, 0, sizeof(float) * (hi - lo) * 8);
+  for (int64_t k = 0; k < m; k++) memset(J->gap + (k * bp + lo) * 8, 0, sizeof(float) * (hi - lo) * 8);
+}
+
+static void bwd_run(void *p, int t, int n) {
+  BwdJob *J = p;
+  int64_t lo, hi;
+  share(J->s->bp, ROWS, t, n, &lo, &hi);
+  float *scr = J->scratch + (int64_t)t * J->s->m * (96 + PR * PC);
+#ifdef HAVE_AVX2_VERSION
+  if (J->avx2) {
+    bwd_avx2(&J->B, lo, hi, J->dxp, J->dyp[t], J->gap, J->gcp[t], scr);
+    return;
+  }
+#endif
+  bwd_generic(&J->B, lo, hi, J->dxp, J->dyp[t], J->gap, J->gcp[t], scr);
+}
+
+/* Unpad the gradients: rows of thread t; dy and gc summed over threads. */
+static void bwd_post(void *p, int t, int n) {
+  BwdJob *J = p;
+  const Shape *s = J->s;
+  int64_t lo, hi, nt = n, bp = s->bp, m = s->m;
+  share(bp, ROWS, t, n, &lo, &hi);
+  if (hi > s->b) hi = s->b;
+  for (int64_t i = lo; i < hi; i++) {
+    for (int64_t k = 0; k < m; k++) {
+      int32_t c0 = k ? s->dims[k - 1] : 0, w = s->dims[k] - c0;
+      float *dst = J->dx + i * s->d + c0, *dst_y = J->dy + i * s->d + c0;
+      for (int32_t f = 0; f < w; f++) {
+        int64_t pf = s->bounds[k] + f, o = (pf / 8) * bp * 8 + i * 8 + pf % 8;
+        dst[f] = J->dxp[o];
+        float v = 0.0f;
+        for (int64_t u = 0; u < nt; u++) v += J->dyp[u][o];
+        dst_y[f] = v;
+      }
+    }
+    for (int64_t f = s->dims[m - 1]; f < s->d; f++) J->dx[i * s->d + f] = J->dy[i * s->d + f] = 0.0f;
+    for (int64_t k = 0; k < m; k++) {
+      const float *gp = J->gap + (k * bp + i) * 8;
+      J->ga[k * s->b + i] = ((gp[0] + gp[1]) + (gp[2] + gp[3])) + ((gp[4] + gp[5]) + (gp[6] + gp[7]));
+      float v = 0.0f;
+      for (int64_t u = 0; u < nt; u++) v += J->gcp[u][k * bp + i];
+      J->gc[k * s->b + i] = v;
+    }
+  }
+}
+
+/* The cotangents of x, y, a, c for the loss sum_m g_m 0.5 (mean_i lse_r_i
+ * + mean_j lse_c_j), given the forward's outputs. 0, or -1 out of memory. */
+int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t d,
+                             const int32_t *dims, int64_t m, const float *a, const float *c,
+                             const float *shift, const float *lse_r, const float *lse_c,
+                             const int32_t *two, const float *g, const float *dots, float *dx,
+                             float *dy, float *ga, float *gc) {
+  Shape s;
+  if (make_shape(&s, b, d, m, dims)) return -1;
+  int n = num_threads();
+  if (n > s.bp / ROWS) n = (int)(s.bp / ROWS);
+  int64_t bp = s.bp, dp = s.dp;
+  BwdJob J = {0};
+  J.s = &s;
+  J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift, J.lse_r = lse_r, J.lse_c = lse_c;
+  J.two = two, J.dx = dx, J.dy = dy, J.ga = ga, J.gc = gc;
+  size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + 2 * bp + m +
+                (size_t)m * bp * 8 + (size_t)n * m * (96 + PR * PC);
+  float *buf = aligned_alloc(64, (nbuf * sizeof(float) + 63) / 64 * 64);
+  float **dyp = malloc(sizeof(float *) * n), **gcp = malloc(sizeof(float *) * n);
+  if (buf == NULL || dyp == NULL || gcp == NULL) {
+    free(buf), free(dyp), free(gcp), free(s.bounds);
+    return -1;
+  }
+  float *q = buf;
+  J.xp = q, q += bp * dp;
+  J.yp = q, q += bp * dp;
+  J.dxp = q, q += bp * dp;
+  for (int t = 0; t < n; t++) dyp[t] = q, q += bp * dp;
+  J.ap = q, q += m * bp;
+  J.cp = q, q += m * bp;
+  J.cb = q, q += m * bp;
+  J.wr = q, q += m * bp;
+  J.wc = q, q += m * bp;
+  for (int t = 0; t < n; t++) gcp[t] = q, q += m * bp;
+  J.rb = q, q += bp;
+  J.colbias = q, q += bp;
+  J.gm = q, q += m;
+  J.gap = q, q += m * bp * 8;
+  J.scratch = q;
+  J.dyp = dyp, J.gcp = gcp;
+  for (int64_t k = 0; k < m; k++) J.gm[k] = g[k] * (0.5f / (float)b);
+  J.B = (Bwd){bp, dp, m, s.bounds, J.xp, J.yp, J.ap, J.cp, J.cb, J.rb, J.wr, J.wc,
+              J.colbias, two, J.gm, dots};
+  J.avx2 = mrl_contrastive_uses_avx2();
+  parallel(n, bwd_prep, &J);
+  parallel(n, bwd_run, &J);
+  parallel(n, bwd_post, &J);
+  free(buf);
+  free(dyp);
+  free(gcp);
+  free(s.bounds);
+  return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The whole loss: prefix norms, diagonal and label-smoothing terms too.  */
+/* ---------------------------------------------------------------------- */
+#define NORM_EPS2 1e-24f /* matryoshka._NORM_EPS ** 2: the floor of a squared norm */
+#define MAX_PREFIXES 64  /* the loss entry points take at most this many */
+
+/* Per prefix and row: a = inv_tau / |x[:m]|, c = 1 / |y[:m]|, the diagonal
+ * dots <x_i[:m], y_i[:m]>, and shift_m = max(max_i diag logit, inv_tau -
+ * 70). All [m][b]; squared norms summed in double, chunk by chunk. */
+typedef struct {
+  const float *x, *y, *inv_tau;
+  const int32_t *dims;
+  int64_t b, d, m;
+  float *a, *c, *sxy, *rx2, *ry2; /* rx2, ry2: 1 / max(|.|^2, eps^2), 0 where floored */
+} Norms;
+
+static void norms_run(void *p, int t, int n) {
+  Norms *N = p;
+  int64_t lo = N->b * t / n, hi = N->b * (t + 1) / n;
+  for (int64_t i = lo; i < hi; i++) {
+    const float *xi = N->x + i * N->d, *yi = N->y + i * N->d;
+    double sx = 0, sy = 0, sxy = 0;
+    int32_t f = 0;
+    for (int64_t k = 0; k < N->m; k++) {
+      for (; f < N->dims[k]; f++) {
+        sx += (double)xi[f] * xi[f];
+        sy += (double)yi[f] * yi[f];
+        sxy += (double)xi[f] * yi[f];
+      }
+      int64_t o = k * N->b + i;
+      float fx = (float)sx, fy = (float)sy;
+      float qx = fx > NORM_EPS2 ? fx : NORM_EPS2, qy = fy > NORM_EPS2 ? fy : NORM_EPS2;
+      float ix = 1.0f / sqrtf(qx), iy = 1.0f / sqrtf(qy);
+      N->a[o] = N->inv_tau[k] * ix;
+      N->c[o] = iy;
+      N->sxy[o] = (float)sxy;
+      N->rx2[o] = fx > NORM_EPS2 ? ix * ix : 0.0f;
+      N->ry2[o] = fy > NORM_EPS2 ? iy * iy : 0.0f;
+    }
+  }
+}
+
+/* u_m = sum_i a_i x_i[:m], v_m = sum_j c_j y_j[:m] ([m][d], zero past dims_m):
+ * the label-smoothing term's mean logit is <u_m, v_m> / b^2. */
+static void smoothing_sums(const Norms *N, double *u, double *v) {
+  memset(u, 0, sizeof(double) * N->m * N->d);
+  memset(v, 0, sizeof(double) * N->m * N->d);
+  for (int64_t k = 0; k < N->m; k++)
+    for (int64_t i = 0; i < N->b; i++) {
+      float ai = N->a[k * N->b + i], ci = N->c[k * N->b + i];
+      const float *xi = N->x + i * N->d, *yi = N->y + i * N->d;
+      for (int32_t f = 0; f < N->dims[k]; f++) {
+        u[k * N->d + f] += (double)ai * xi[f];
+        v[k * N->d + f] += (double)ci * yi[f];
+      }
+    }
+}
+
+typedef struct {
+  float *a, *c, *sxy, *rx2, *ry2, *shift;
+  double *u, *v; /* eps != 0 only */
+} Stats;
+
+static void stats_free(Stats *S) {
+  free(S->a);
+  free(S->u);
+}
+
+static int stats_make(const float *x, const float *y, int64_t b, int64_t d,
+                      const int32_t *dims, int64_t m, const float *inv_tau, float eps,
+                      Stats *S) {
+  memset(S, 0, sizeof(*S));
+  S->a = malloc(sizeof(float) * (5 * m * b + m));
+  if (S->a == NULL) return -1;
+  S->c = S->a + m * b, S->sxy = S->c + m * b, S->rx2 = S->sxy + m * b;
+  S->ry2 = S->rx2 + m * b, S->shift = S->ry2 + m * b;
+  Norms N = {x, y, inv_tau, dims, b, d, m, S->a, S->c, S->sxy, S->rx2, S->ry2};
+  int n = num_threads();
+  if (n > b / 64) n = b / 64 > 0 ? (int)(b / 64) : 1;
+  parallel(n, norms_run, &N);
+  for (int64_t k = 0; k < m; k++) {
+    float top = inv_tau[k] - 70.0f;
+    for (int64_t i = 0; i < b; i++) {
+      int64_t o = k * b + i;
+      float l = S->sxy[o] * S->a[o] * S->c[o];
+      if (l > top) top = l;
+    }
+    S->shift[k] = top;
+  }
+  if (eps != 0.0f) {
+    S->u = malloc(sizeof(double) * 2 * m * d);
+    if (S->u == NULL) {
+      stats_free(S);
+      return -1;
+    }
+    S->v = S->u + m * d;
+    smoothing_sums(&N, S->u, S->v);
+  }
+  return 0;
+}
+
+/* The per-prefix loss of `matryoshka._softmax_fwd` (both directions, label
+ * smoothing eps): loss [m]; lse_r, lse_c [m][b], two [m] and (unless NULL)
+ * dots are the backward's residuals. 0, or -1 out of memory. */
+int mrl_contrastive_loss_forward(const float *x, const float *y, int64_t b, int64_t d,
+                                 const int32_t *dims, int64_t m, const float *inv_tau,
+                                 float eps, float *loss, float *lse_r, float *lse_c,
+                                 int32_t *two, float *dots) {
+  Stats S;
+  if (stats_make(x, y, b, d, dims, m, inv_tau, eps, &S)) return -1;
+  int rc = mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, lse_r, lse_c, two,
+                                   dots);
+  for (int64_t k = 0; rc == 0 && k < m; k++) {
+    double lr = 0, lc = 0, diag = 0;
+    for (int64_t i = 0; i < b; i++) {
+      int64_t o = k * b + i;
+      lr += lse_r[o];
+      lc += lse_c[o];
+      diag += (double)S.sxy[o] * S.a[o] * S.c[o];
+    }
+    double v = 0.5 * (lr + lc) / b - (1.0 - eps) * diag / b;
+    if (eps != 0.0f) {
+      double dot = 0;
+      for (int64_t f = 0; f < d; f++) dot += S.u[k * d + f] * S.v[k * d + f];
+      v -= eps * dot / ((double)b * b);
+    }
+    loss[k] = (float)v;
+  }
+  stats_free(&S);
+  return rc;
+}
+
+typedef struct {
+  const float *x, *y, *g, *inv_tau;
+  const int32_t *dims;
+  int64_t b, d, m;
+  float eps;
+  const Stats *S;
+  float *dx, *dy, *ga, *gc;
+  double *dt; /* [n][m] partials of the inverse temperatures' cotangents */
+} Tail;
+
+/* Rows of thread t: the diagonal and label-smoothing terms' cotangents,
+ * then the norms' (a_i = inv_tau rx_i, c_j = ry_j), added to dx, dy, and
+ * each inverse temperature's, sum_i ga_i a_i / inv_tau. */
+static void tail_run(void *p, int t, int n) {
+  Tail *T = p;
+  const Stats *S = T->S;
+  int64_t b = T->b, d = T->d, m = T->m, lo = b * t / n, hi = b * (t + 1) / n;
+  double *dt = T->dt + (int64_t)t * m;
+  double bx[MAX_PREFIXES], by[MAX_PREFIXES];
+  for (int64_t i = lo; i < hi; i++) {
+    const float *xi = T->x + i * d, *yi = T->y + i * d;
+    float *dxi = T->dx + i * d, *dyi = T->dy + i * d;
+    /* Per prefix: coefficients of x_i, y_i in dx_i and of y_i, x_i in dy_i. */
+    float ax[MAX_PREFIXES], wd[MAX_PREFIXES], ay[MAX_PREFIXES];
+    for (int64_t k = 0; k < m; k++) {
+      int64_t o = k * b + i;
+      float gk = T->g[k], ai = S->a[o], ci = S->c[o];
+      float w = -(1.0f - T->eps) * gk / (float)b; /* cotangent of the diagonal logit */
+      float ga = T->ga[o] + w * S->sxy[o] * ci, gc = T->gc[o] + w * S->sxy[o] * ai;
+      wd[k] = w * ai * ci;
+      if (T->eps != 0.0f) {
+        double sv = 0, su = 0, e = -(double)T->eps * gk / ((double)b * b);
+        for (int32_t f = 0; f < T->dims[k]; f++) {
+          sv += (double)xi[f] * S->v[k * d + f];
+          su += (double)yi[f] * S->u[k * d + f];
+        }
+        ga += (float)(e * sv);
+        gc += (float)(e * su);
+        bx[k] = e * ai;
+        by[k] = e * ci;
+      }
+      dt[k] += (double)ga * ai / T->inv_tau[k];
+      ax[k] = -ga * ai * S->rx2[o];
+      ay[k] = -gc * ci * S->ry2[o];
+    }
+    /* Chunks from the largest down: each coefficient summed over m >= chunk. */
+    float sax = 0, swd = 0, say = 0;
+    for (int64_t k = m - 1; k >= 0; k--) {
+      sax += ax[k], swd += wd[k], say += ay[k];
+      int32_t f0 = k ? T->dims[k - 1] : 0;
+      for (int32_t f = f0; f < T->dims[k]; f++) {
+        float gx = sax * xi[f] + swd * yi[f], gy = say * yi[f] + swd * xi[f];
+        if (T->eps != 0.0f) {
+          double ex = 0, ey = 0;
+          for (int64_t q = k; q < m; q++) {
+            ex += bx[q] * S->v[q * d + f];
+            ey += by[q] * S->u[q * d + f];
+          }
+          gx += (float)ex;
+          gy += (float)ey;
+        }
+        dxi[f] += gx;
+        dyi[f] += gy;
+      }
+    }
+  }
+}
+
+/* The cotangents of x, y and the inverse temperatures for cotangents g [m]
+ * of the forward's loss; dots: the forward's, or NULL (recomputed here).
+ * 0, or -1 out of memory. */
+int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int64_t d,
+                                  const int32_t *dims, int64_t m, const float *inv_tau,
+                                  float eps, const float *lse_r, const float *lse_c,
+                                  const int32_t *two, const float *g, const float *dots,
+                                  float *dx, float *dy, float *d_inv_tau) {
+  Stats S;
+  if (stats_make(x, y, b, d, dims, m, inv_tau, eps, &S)) return -1;
+  float *own = NULL, *ga = malloc(sizeof(float) * 2 * m * b);
+  int n = num_threads();
+  if (n > b / 64) n = b / 64 > 0 ? (int)(b / 64) : 1;
+  double *dt = calloc((size_t)n * m, sizeof(double));
+  int rc = ga != NULL && dt != NULL ? 0 : -1;
+  if (rc == 0 && dots == NULL) { /* recompute them (the same kernel: the same bits) */
+    int64_t bytes = mrl_contrastive_dots_size(b, m);
+    float *tmp = malloc(sizeof(float) * 2 * m * b + sizeof(int32_t) * m);
+    own = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    rc = own != NULL && tmp != NULL ? 0 : -1;
+    if (rc == 0)
+      rc = mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, tmp, tmp + m * b,
+                                   (int32_t *)(tmp + 2 * m * b), own);
+    free(tmp);
+    dots = own;
+  }
+  if (rc == 0)
+    rc = mrl_contrastive_backward(x, y, b, d, dims, m, S.a, S.c, S.shift, lse_r, lse_c, two, g,
+                                  dots, dx, dy, ga, ga + m * b);
+  if (rc == 0) {
+    Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt};
+    parallel(n, tail_run, &T);
+    for (int64_t k = 0; k < m; k++) {
+      double v = 0;
+      for (int u = 0; u < n; u++) v += dt[u * m + k];
+      d_inv_tau[k] = (float)v;
+    }
+  }
+  free(own);
+  free(ga);
+  free(dt);
+  stats_free(&S);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* XLA FFI handlers (C API, xla/ffi/api/c_api.h).                         */
+/* ---------------------------------------------------------------------- */
+#ifdef MRL_WITH_XLA_FFI
+#include "xla/ffi/api/c_api.h"
+
+static XLA_FFI_Error *ffi_error(const XLA_FFI_Api *api, XLA_FFI_Error_Code code,
+                                const char *msg) {
+  XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL, msg, code};
+  return api->XLA_FFI_Error_Create(&args);
+}
+
+/* A call that only asks for the handler's metadata (the FFI version it was
+ * built against): answered, and *done set. */
+static XLA_FFI_Error *ffi_metadata(XLA_FFI_CallFrame *cf, int *done) {
+  *done = 0;
+  if (cf->extension_start == NULL || cf->extension_start->type != XLA_FFI_Extension_Metadata)
+    return NULL;
+  *done = 1;
+  XLA_FFI_Metadata_Extension *ext = (XLA_FFI_Metadata_Extension *)cf->extension_start;
+  if (ext->extension_base.struct_size < XLA_FFI_Metadata_Extension_STRUCT_SIZE ||
+      ext->metadata->struct_size < XLA_FFI_Metadata_STRUCT_SIZE)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_jax contrastive: unexpected XLA FFI metadata struct size");
+  ext->metadata->api_version = (XLA_FFI_Api_Version){XLA_FFI_Api_Version_STRUCT_SIZE, NULL,
+                                                     XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR};
+  ext->metadata->traits = 0;
+  if (ext->metadata->struct_size >= offsetof(XLA_FFI_Metadata, state_type_id) +
+                                        sizeof(XLA_FFI_TypeId))
+    ext->metadata->state_type_id.type_id = 0; /* stateless */
+  return NULL;
+}
+
+/* Buffer k of args (is_ret 0) or rets (1), checked for dtype and rank. */
+static XLA_FFI_Buffer *ffi_buffer(XLA_FFI_CallFrame *cf, int is_ret, int64_t k,
+                                  XLA_FFI_DataType dtype, int64_t rank) {
+  int64_t size = is_ret ? cf->rets.size : cf->args.size;
+  if (k >= size) return NULL;
+  int type = is_ret ? (int)cf->rets.types[k] : (int)cf->args.types[k];
+  if (type != 1) return NULL; /* XLA_FFI_ArgType_BUFFER == XLA_FFI_RetType_BUFFER */
+  XLA_FFI_Buffer *b = (XLA_FFI_Buffer *)(is_ret ? cf->rets.rets[k] : cf->args.args[k]);
+  if (b->dtype != dtype || b->rank != rank) return NULL;
+  return b;
+}
+
+#define F32 XLA_FFI_DataType_F32
+#define S32 XLA_FFI_DataType_S32
+
+/* The stored dots between a forward call and its backward: one process-wide
+ * buffer, reused across calls (XLA would allocate a fresh output buffer per
+ * call, and at B = 4096 the page faults of its 470 MB cost about as much as
+ * the forward itself). Each forward fills it under a new generation number,
+ * which its token output carries to the backward; a backward whose token no
+ * longer matches (another forward ran in between: two losses in one program,
+ * several devices, a scan) or that got no stored dots (above the limit)
+ * recomputes them first, so results never depend on the cache. */
+static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER;
+static float *ws_data = NULL;
+static int64_t ws_cap = 0, ws_limit = (int64_t)2 << 30;
+static uint32_t ws_gen = 0, ws_next = 0; /* 0: holds nothing */
+
+static void ws_free_locked(void) {
+  if (ws_data != NULL) munmap(ws_data, (size_t)ws_cap);
+  ws_data = NULL;
+  ws_cap = 0;
+  ws_gen = 0;
+}
+
+/* A buffer of >= bytes, or NULL (over the limit, or out of memory). */
+static float *ws_reserve_locked(int64_t bytes) {
+  if (bytes > ws_limit) return NULL;
+  if (ws_cap >= bytes) return ws_data;
+  ws_free_locked();
+  int64_t cap = (bytes + ((int64_t)1 << 21) - 1) & ~(((int64_t)1 << 21) - 1);
+  void *p = mmap(NULL, (size_t)cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+  madvise(p, (size_t)cap, MADV_HUGEPAGE);
+#endif
+  ws_data = p;
+  ws_cap = cap;
+  return ws_data;
+}
+
+/* The most bytes the cache may hold (default 2 GiB; 0: never store, every
+ * backward recomputes the dots); a smaller limit frees a larger buffer. */
+void mrl_contrastive_set_workspace_limit(int64_t bytes) {
+  pthread_mutex_lock(&ws_lock);
+  ws_limit = bytes > 0 ? bytes : 0;
+  if (ws_cap > ws_limit) ws_free_locked();
+  pthread_mutex_unlock(&ws_lock);
+}
+
+/* Bytes the cache holds now. */
+int64_t mrl_contrastive_workspace_bytes(void) {
+  pthread_mutex_lock(&ws_lock);
+  int64_t v = ws_cap;
+  pthread_mutex_unlock(&ws_lock);
+  return v;
+}
+
+/* Args x, y [B, d] f32, dims [M] s32, inv_tau [M], eps [1]; rets loss [M],
+ * lse_r, lse_c [M, B], two [M] s32, token [1] s32 (the generation of the
+ * stored dots, 0: not stored). */
+XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
+  int done;
+  XLA_FFI_Error *err = ffi_metadata(cf, &done);
+  if (done) return err;
+  XLA_FFI_Buffer *x = ffi_buffer(cf, 0, 0, F32, 2), *y = ffi_buffer(cf, 0, 1, F32, 2),
+                 *dims = ffi_buffer(cf, 0, 2, S32, 1), *tau = ffi_buffer(cf, 0, 3, F32, 1),
+                 *eps = ffi_buffer(cf, 0, 4, F32, 1), *loss = ffi_buffer(cf, 1, 0, F32, 1),
+                 *lr = ffi_buffer(cf, 1, 1, F32, 2), *lc = ffi_buffer(cf, 1, 2, F32, 2),
+                 *two = ffi_buffer(cf, 1, 3, S32, 1), *token = ffi_buffer(cf, 1, 4, S32, 1);
+  if (cf->args.size != 5 || cf->rets.size != 5 || !x || !y || !dims || !tau || !eps || !loss ||
+      !lr || !lc || !two || !token)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_contrastive_forward: wrong operands");
+  int64_t b = x->dims[0], d = x->dims[1], m = dims->dims[0];
+  if (y->dims[0] != b || y->dims[1] != d || tau->dims[0] != m || eps->dims[0] != 1 ||
+      loss->dims[0] != m || lr->dims[0] != m || lr->dims[1] != b || token->dims[0] != 1 ||
+      m < 1 || m > MAX_PREFIXES || b < 1)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_contrastive_forward: inconsistent shapes");
+  pthread_mutex_lock(&ws_lock);
+  float *store = ws_reserve_locked(mrl_contrastive_dots_size(b, m));
+  ws_gen = 0;
+  int rc = mrl_contrastive_loss_forward(x->data, y->data, b, d, dims->data, m, tau->data,
+                                        ((const float *)eps->data)[0], loss->data, lr->data,
+                                        lc->data, two->data, store);
+  uint32_t gen = 0;
+  if (rc == 0 && store != NULL) {
+    if (++ws_next == 0 || ws_next > 0x7fffffffu) ws_next = 1;
+    gen = ws_gen = ws_next;
+  }
+  pthread_mutex_unlock(&ws_lock);
+  ((int32_t *)token->data)[0] = (int32_t)gen;
+  if (rc)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
+                     "mrl_contrastive_forward: out of memory");
+  return NULL;
+}
+
+/* Args x, y, dims, inv_tau, eps, lse_r, lse_c, two, g [M], token; rets dx,
+ * dy [B, d], d_inv_tau [M]. */
+XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
+  int done;
+  XLA_FFI_Error *err = ffi_metadata(cf, &done);
+  if (done) return err;
+  XLA_FFI_Buffer *x = ffi_buffer(cf, 0, 0, F32, 2), *y = ffi_buffer(cf, 0, 1, F32, 2),
+                 *dims = ffi_buffer(cf, 0, 2, S32, 1), *tau = ffi_buffer(cf, 0, 3, F32, 1),
+                 *eps = ffi_buffer(cf, 0, 4, F32, 1), *lr = ffi_buffer(cf, 0, 5, F32, 2),
+                 *lc = ffi_buffer(cf, 0, 6, F32, 2), *two = ffi_buffer(cf, 0, 7, S32, 1),
+                 *g = ffi_buffer(cf, 0, 8, F32, 1), *token = ffi_buffer(cf, 0, 9, S32, 1),
+                 *dx = ffi_buffer(cf, 1, 0, F32, 2), *dy = ffi_buffer(cf, 1, 1, F32, 2),
+                 *dtau = ffi_buffer(cf, 1, 2, F32, 1);
+  if (cf->args.size != 10 || cf->rets.size != 3 || !x || !y || !dims || !tau || !eps || !lr ||
+      !lc || !two || !g || !token || !dx || !dy || !dtau)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_contrastive_backward: wrong operands");
+  int64_t b = x->dims[0], d = x->dims[1], m = dims->dims[0];
+  if (y->dims[0] != b || y->dims[1] != d || tau->dims[0] != m || g->dims[0] != m ||
+      lr->dims[0] != m || lr->dims[1] != b || token->dims[0] != 1 || m < 1 ||
+      m > MAX_PREFIXES || b < 1)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_contrastive_backward: inconsistent shapes");
+  uint32_t gen = (uint32_t)((const int32_t *)token->data)[0];
+  float e = ((const float *)eps->data)[0];
+  pthread_mutex_lock(&ws_lock);
+  int held = gen != 0 && gen == ws_gen;
+  if (!held) pthread_mutex_unlock(&ws_lock); /* recomputed: no need to hold it */
+  int rc = mrl_contrastive_loss_backward(x->data, y->data, b, d, dims->data, m, tau->data, e,
+                                         lr->data, lc->data, two->data, g->data,
+                                         held ? ws_data : NULL, dx->data, dy->data,
+                                         dtau->data);
+  if (held) pthread_mutex_unlock(&ws_lock);
+  if (rc)
+    return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
+                     "mrl_contrastive_backward: out of memory");
+  return NULL;
+}
+#undef F32
+#undef S32
+#endif /* MRL_WITH_XLA_FFI */
