@@ -465,12 +465,16 @@ void mrl_contrastive_set_threads(int n) { num_threads_override = n > 0 ? n : 0; 
 /* 1 if the AVX2 + FMA version runs on this CPU. */
 int mrl_contrastive_uses_avx2(void) { return mrl_cpu_runs_avx2(force_generic); }
 
+#define MAX_THREADS 64
+
 static int num_threads(void) {
-  if (num_threads_override > 0) return num_threads_override;
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? (int)n : 1;
+  int n = num_threads_override;
+  if (n <= 0) {
+    cpu_set_t set;
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : (int)online;
+  }
+  return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -490,10 +494,10 @@ static void *job_main(void *p) {
 
 /* fn(ctx, t, n) for t < n on n threads (the caller's is the last). */
 static void parallel(int n, void (*fn)(void *, int, int), void *ctx) {
-  Job jobs[64];
-  pthread_t th[64];
-  int started[64] = {0};
-  if (n > 64) n = 64;
+  Job jobs[MAX_THREADS];
+  pthread_t th[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  if (n > MAX_THREADS) n = MAX_THREADS;
   for (int t = 0; t < n; t++) jobs[t] = (Job){fn, ctx, t, n};
   for (int t = 0; t < n - 1; t++) started[t] = pthread_create(&th[t], NULL, job_main, &jobs[t]) == 0;
   fn(ctx, n - 1, n);
