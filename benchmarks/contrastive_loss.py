@@ -15,7 +15,10 @@ towers) of the jitted losses on the same inputs:
           kernel, the prefix dots kept in registers (`contrastive_native`)
   naive   7 independent losses, one per truncated prefix: sum_m B^2 m FLOPs
 
-and prints each time and its ratio to `full`. Timings are medians over
+and prints each time and its ratio to `full`; `nesting` is native's time
+over the native kernel's own single full-dim loss (`impl='native'` with
+dims [768], timed too), the cost of the 7 prefixes within one
+implementation. Timings are medians over
 --reps runs after one warm-up run; the variants are run in turn within each
 rep, so load from other processes hits them alike.
 
@@ -98,6 +101,7 @@ def _variants(kind, dims):
          'naive': naive}
   if kind == 'softmax' and contrastive_native.available():
     fns['native'] = lambda x, y: mrl.contrastive(x, y, dims, **kw, impl='native')
+    fns['native1'] = lambda x, y: mrl.contrastive(x, y, [d], **kw, impl='native')
   return {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
           for name, fn in fns.items()}
 
@@ -124,7 +128,8 @@ def main(argv):
         f'{len(jax.devices())} device(s); d={d}, nesting_dims={dims}; '
         f'value_and_grad wrt x and y, median of {_REPS.value} reps')
   print(f'{"kind":8s} {"B":>5s} {"full ms":>9s} {"chunked ms":>11s} '
-        f'{"ratio":>6s} {"native ms":>10s} {"ratio":>6s} {"naive ms":>9s} {"ratio":>6s}')
+        f'{"ratio":>6s} {"native ms":>10s} {"ratio":>6s} {"nesting":>8s} '
+        f'{"naive ms":>9s} {"ratio":>6s}')
   rng = np.random.default_rng(0)
   for kind in _KINDS.value:
     fns = _variants(kind, dims)
@@ -132,8 +137,9 @@ def main(argv):
       x = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
       y = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
       t = _time(fns, x, y, _REPS.value)
-      native = (f'{1e3 * t["native"]:10.1f} {t["native"] / t["full"]:6.2f}'
-                if 'native' in t else f'{"-":>10s} {"-":>6s}')
+      native = (f'{1e3 * t["native"]:10.1f} {t["native"] / t["full"]:6.2f} '
+                f'{t["native"] / t["native1"]:8.2f}'
+                if 'native' in t else f'{"-":>10s} {"-":>6s} {"-":>8s}')
       print(f'{kind:8s} {b:5d} {1e3 * t["full"]:9.1f} '
             f'{1e3 * t["chunked"]:11.1f} {t["chunked"] / t["full"]:6.2f} {native} '
             f'{1e3 * t["naive"]:9.1f} {t["naive"] / t["full"]:6.2f}',

@@ -36,7 +36,8 @@
  * The whole loss (mrl_contrastive_loss_forward / _backward) adds the O(B d)
  * parts: the prefix norms, the diagonal and label-smoothing terms, and the
  * gradients through the norms and the inverse temperatures. Rows are split
- * over threads (pthreads; by default the CPUs this process may run on).
+ * into shares, one per CPU this process may run on by default, that run on
+ * XLA's CPU thread pool inside the FFI handlers (on pthreads elsewhere).
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -492,12 +493,81 @@ static void *job_main(void *p) {
   return NULL;
 }
 
+#ifdef MRL_WITH_XLA_FFI
+#include <stdatomic.h>
+
+#include "xla/ffi/api/c_api.h"
+
+/* Inside an FFI handler, the shares run on XLA's own CPU thread pool: its
+ * threads would otherwise spin for work beside ours on the same cores.
+ * Shares are claimed from a counter by the scheduled tasks and the caller
+ * alike, so they all get done even if no task ever starts (XLA may run
+ * tasks late, inline, or on a pool of one); a task that starts after the
+ * last share only drops its reference. */
+static __thread const XLA_FFI_Api *pool_api = NULL;
+static __thread XLA_FFI_ExecutionContext *pool_ctx = NULL;
+
+typedef struct {
+  void (*fn)(void *ctx, int t, int n);
+  void *ctx;
+  int n;
+  atomic_int next, done, refs;
+} Shares;
+
+static void shares_work(Shares *S) {
+  for (;;) {
+    int t = atomic_fetch_add(&S->next, 1);
+    if (t >= S->n) return;
+    S->fn(S->ctx, t, S->n);
+    atomic_fetch_add_explicit(&S->done, 1, memory_order_release);
+  }
+}
+
+static void shares_release(Shares *S) {
+  if (atomic_fetch_sub(&S->refs, 1) == 1) free(S);
+}
+
+static void pool_task(void *p) {
+  shares_work(p);
+  shares_release(p);
+}
+
+/* 0 when the n shares ran on XLA's pool (and the caller), -1 if not tried. */
+static int pool_parallel(int n, void (*fn)(void *, int, int), void *ctx) {
+  Shares *S = malloc(sizeof(Shares));
+  if (S == NULL) return -1;
+  S->fn = fn, S->ctx = ctx, S->n = n;
+  atomic_init(&S->next, 0);
+  atomic_init(&S->done, 0);
+  atomic_init(&S->refs, 1);
+  for (int k = 0; k < n - 1; k++) {
+    atomic_fetch_add(&S->refs, 1);
+    XLA_FFI_ThreadPool_Schedule_Args args = {XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, NULL,
+                                             pool_ctx, pool_task, S};
+    XLA_FFI_Error *err = pool_api->XLA_FFI_ThreadPool_Schedule(&args);
+    if (err != NULL) { /* no pool: the caller does the rest */
+      XLA_FFI_Error_Destroy_Args d = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, NULL, err};
+      pool_api->XLA_FFI_Error_Destroy(&d);
+      atomic_fetch_sub(&S->refs, 1);
+      break;
+    }
+  }
+  shares_work(S);
+  while (atomic_load_explicit(&S->done, memory_order_acquire) < n) sched_yield();
+  shares_release(S);
+  return 0;
+}
+#endif
+
 /* fn(ctx, t, n) for t < n on n threads (the caller's is the last). */
 static void parallel(int n, void (*fn)(void *, int, int), void *ctx) {
+  if (n > MAX_THREADS) n = MAX_THREADS;
+#ifdef MRL_WITH_XLA_FFI
+  if (pool_api != NULL && n > 1 && pool_parallel(n, fn, ctx) == 0) return;
+#endif
   Job jobs[MAX_THREADS];
   pthread_t th[MAX_THREADS];
   int started[MAX_THREADS] = {0};
-  if (n > MAX_THREADS) n = MAX_THREADS;
   for (int t = 0; t < n; t++) jobs[t] = (Job){fn, ctx, t, n};
   for (int t = 0; t < n - 1; t++) started[t] = pthread_create(&th[t], NULL, job_main, &jobs[t]) == 0;
   fn(ctx, n - 1, n);
@@ -1092,8 +1162,6 @@ int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int
 /* XLA FFI handlers (C API, xla/ffi/api/c_api.h).                         */
 /* ---------------------------------------------------------------------- */
 #ifdef MRL_WITH_XLA_FFI
-#include "xla/ffi/api/c_api.h"
-
 static XLA_FFI_Error *ffi_error(const XLA_FFI_Api *api, XLA_FFI_Error_Code code,
                                 const char *msg) {
   XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL, msg, code};
@@ -1211,6 +1279,7 @@ XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
       m < 1 || m > MAX_PREFIXES || b < 1)
     return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                      "mrl_contrastive_forward: inconsistent shapes");
+  pool_api = cf->api, pool_ctx = cf->ctx;
   pthread_mutex_lock(&ws_lock);
   float *store = ws_reserve_locked(mrl_contrastive_dots_size(b, m));
   ws_gen = 0;
@@ -1223,6 +1292,7 @@ XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
     gen = ws_gen = ws_next;
   }
   pthread_mutex_unlock(&ws_lock);
+  pool_api = NULL, pool_ctx = NULL;
   ((int32_t *)token->data)[0] = (int32_t)gen;
   if (rc)
     return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
@@ -1255,6 +1325,7 @@ XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
                      "mrl_contrastive_backward: inconsistent shapes");
   uint32_t gen = (uint32_t)((const int32_t *)token->data)[0];
   float e = ((const float *)eps->data)[0];
+  pool_api = cf->api, pool_ctx = cf->ctx;
   pthread_mutex_lock(&ws_lock);
   int held = gen != 0 && gen == ws_gen;
   if (!held) pthread_mutex_unlock(&ws_lock); /* recomputed: no need to hold it */
@@ -1263,6 +1334,7 @@ XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
                                          held ? ws_data : NULL, dx->data, dy->data,
                                          dtau->data);
   if (held) pthread_mutex_unlock(&ws_lock);
+  pool_api = NULL, pool_ctx = NULL;
   if (rc)
     return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
                      "mrl_contrastive_backward: out of memory");

@@ -14,9 +14,9 @@ does and no third. benchmarks/contrastive_loss.py times both.
 The kernels are two XLA FFI custom calls on the CPU, built against XLA's
 FFI C header (vendored in third_party/): they compute the whole per-prefix
 loss (norms, diagonal and label-smoothing terms too) on XLA's buffers
-inside the jitted program, on their own threads (by default the CPUs this
-process may run on; `set_threads`). Values and gradients equal
-`impl='xla'`'s to float32 rounding.
+inside the jitted program, in shares of rows (one per CPU this process
+may run on; `set_threads`) that run on XLA's own CPU thread pool. Values
+and gradients equal `impl='xla'`'s to float32 rounding.
 
 The stored dots (B^2 M floats: 470 MB at B = 4096 with 7 prefixes) live in
 one process-wide buffer that is reused from call to call (a fresh buffer
