@@ -18,21 +18,33 @@ towers) of the jitted losses on the same inputs:
 and prints each time and its ratio to `full`; `nesting` is native's time
 over the native kernel's own single full-dim loss (`impl='native'` with
 dims [768], timed too), the cost of the 7 prefixes within one
-implementation. Timings are medians over
---reps runs after one warm-up run; the variants are run in turn within each
-rep, so load from other processes hits them alike.
+implementation. Timings are medians over --reps runs after one warm-up
+run; the variants are run in turn within each rep, so load from other
+processes hits them alike.
 
 Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
 single figures move by 10-25 % from run to run. Three runs of
-`--reps=5 --kinds=softmax` with the final kernel, native / full (chunked /
-full in the same runs):
+`--reps=5 --kinds=softmax` with the final code, native / full (chunked /
+full; native's nesting column):
 
-  B = 1024:  1.30, 1.49, 1.37   (chunked 1.84, 2.10, 2.11)
-  B = 4096:  1.28, 1.13, 1.31   (chunked 2.06, 2.07, 2.12)
+  B = 1024:  1.58, 1.28, 1.46   (chunked 2.11, 1.98, 1.94; nesting 1.32, 1.38, 1.58)
+  B = 4096:  1.25, 1.10, 1.18   (chunked 2.06, 1.90, 2.05; nesting 1.55, 1.37, 1.43)
 
-naive / full 2.7-3.4 in the same runs. Earlier runs of the whole benchmark
-(before the native kernel) gave chunked / full 1.5-2.2 for softmax and
-1.5-2.1 for sigmoid, naive 2.5-3.5.
+naive / full 2.5-3.6 in the same runs. Eight earlier runs of the same
+kernel before its threads moved onto XLA's pool gave 1.05-1.58 at B = 1024
+and 1.11-1.31 at B = 4096. Earlier runs of the whole benchmark (before the
+native kernel) gave chunked / full 1.5-2.2 for softmax and 1.5-2.1 for
+sigmoid, naive 2.5-3.5. So on this CPU the native loss meets <= 1.3 at B =
+4096 and not reliably at B = 1024, where XLA's single full-dim loss runs at
+~145 GFLOP/s effective (~75 % of the two cores' FMA peak) and the native
+kernel's own single-prefix loss takes about as long: what is left is the
+cost of the prefixes themselves (below).
+
+Smaller batches (one run each, --reps=9): at d = 768, B = 128 / 256 / 512,
+native 3.5 / 7.9 / 13.4 ms against XLA's chunked 2.7 / 6.8 / 12.7 (the
+native call's fixed costs); at d = 64 with the Fashion-MNIST demo's 6
+prefixes (--dim=64 --start=2), B = 256: 2.6 against 2.8 ms, B = 1024: 20.4
+against 39.7.
 
 Why XLA's chunked form costs ~2x on a CPU: its seven chunk matmuls (K = 12,
 12, 24, ... features) each write and re-read a B x B partial sum and do not
@@ -61,7 +73,19 @@ for the stored dots per call (its page faults cost ~400 ms a step at B =
 and padding per call: 1.9-2.8x); 6 x 16 tiles, which pad the batch to 48s
 (no faster than 4 x 24); other backward panel shapes (48-144 x rows by
 96-192 y rows: the same or slower); regular instead of streaming stores for
-the dots at B = 1024 (no change).
+the dots at B = 1024 (no change); a backward loop with fewer live vectors
+(no change).
+
+Where the prefixes' cost goes: per logit and prefix, the forward scales,
+exponentiates, adds to two sums and stores the dot (~20 vector ops per 8
+logits) and the backward loads the dot, exponentiates again, forms G, the
+norm cotangents' sums and the cumulative cotangent (~27); for 7 prefixes
+that is ~330 ops per 8 logits, about as many instructions as the three
+d = 768 matrix products' ~290 FMAs. The products run at 2 FMAs a cycle and
+the elementwise work shares the FP ports, so in A/B runs of the kernel
+alone 7 prefixes cost 1.25-1.35x one (B = 1024), 1.3-1.6x inside the
+jitted step. Storing the exps instead of the dots would save the
+backward's exp but not the dots the norm gradients need.
 """
 import statistics
 import time
