@@ -497,8 +497,9 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       runs and shards. 'native' (kind='softmax', a build with the C
       extension, the CPU backend) runs the B x B part as one fused CPU
       kernel for all prefixes (`contrastive_native`, XLA FFI custom calls):
-      for training on a single CPU device, where it costs about what the one
-      full-dim loss does; same values and gradients to float32 rounding.
+      for training on a single CPU device, where at d = 768 and B >= 1024 it
+      costs 1.1-1.6x the one full-dim loss against ~2x for 'xla'; same
+      values and gradients to float32 rounding.
 
   The batch is whatever x and y hold: under jit with x and y sharded along
   the batch, XLA inserts the collectives and every prefix's loss is over the

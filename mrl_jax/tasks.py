@@ -66,6 +66,8 @@ def check_contrastive_config(config, mesh=None) -> None:
     if kind != "softmax":
       raise ValueError("config.contrastive.impl='native' computes the softmax loss only; "
                        "use impl='xla' for kind='sigmoid'.")
+    from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
+    contrastive_native._check_library()  # pylint: disable=protected-access
     devices = mesh.devices.size if mesh is not None else jax.device_count()
     if devices != 1 or jax.default_backend() != "cpu":
       raise ValueError(
