@@ -44,6 +44,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -234,10 +235,9 @@ typedef struct {
   const float *x, *y;     /* [dp/8][bp][8]: padded, in slabs of 8 features */
   const float *a, *c;     /* [m][bp] */
   const float *cb;        /* [m][bp] column bias - shift_m, or - lse_c where two[m] */
-  const float *rb;        /* [bp] */
+  const float *rb;        /* [bp] row and column bias: 0, or -inf on padded rows */
   const float *wr, *wc;   /* [m][bp] one exp: gm e^(shift - lse) of rows / columns;
                              two exps: wr = row bias - lse_r, wc unused */
-  const float *colbias;   /* [bp] 0, or -inf on padded columns */
   const int32_t *two;     /* [m] */
   const float *gm;        /* [m] g_m / (2 B) */
   const float *dots;      /* the forward's */
@@ -273,8 +273,8 @@ INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, float *gap, float *gc
         }
         store8(gp + q * 8, load8(gp + q * 8) + ga);
       }
-    } else { /* bv: colbias - lse_c; wr: row bias - lse_r */
-      const float *wrm = B->wr + m * bp, *cbias = B->colbias + j0;
+    } else { /* bv: column bias - lse_c; wr: row bias - lse_r */
+      const float *wrm = B->wr + m * bp, *cbias = B->rb + j0; /* as columns */
       float gmm = B->gm[m];
       for (int q = 0; q < TI; q++) {
         float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
@@ -765,7 +765,7 @@ typedef struct {
   const Shape *s;
   const float *x, *y, *a, *c, *shift, *lse_r, *lse_c, *g;
   const int32_t *two;
-  float *xp, *yp, *ap, *cp, *cb, *rb, *wr, *wc, *colbias, *gm, *dxp, **dyp, *gap, **gcp, *scratch;
+  float *xp, *yp, *ap, *cp, *cb, *rb, *wr, *wc, *gm, *dxp, **dyp, *gap, **gcp, *scratch;
   float *dx, *dy, *ga, *gc;
   Bwd B;
   int avx2;
@@ -790,7 +790,6 @@ static void bwd_prep(void *p, int t, int n) {
     }
     int valid = i < s->b;
     J->rb[i] = valid ? 0.0f : -INFINITY;
-    J->colbias[i] = valid ? 0.0f : -INFINITY;
     for (int64_t k = 0; k < m; k++) {
       int64_t o = k * bp + i, u = k * s->b + i;
       J->ap[o] = valid ? J->a[u] : 0.0f;
@@ -874,7 +873,7 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   J.s = &s;
   J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift, J.lse_r = lse_r, J.lse_c = lse_c;
   J.two = two, J.dx = dx, J.dy = dy, J.ga = ga, J.gc = gc;
-  size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + 2 * bp + m +
+  size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + bp + m +
                 (size_t)m * bp * 8 + (size_t)n * m * (96 + PR * PC);
   float *buf = aligned_alloc(64, (nbuf * sizeof(float) + 63) / 64 * 64);
   float **dyp = malloc(sizeof(float *) * n), **gcp = malloc(sizeof(float *) * n);
@@ -894,14 +893,13 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   J.wc = q, q += m * bp;
   for (int t = 0; t < n; t++) gcp[t] = q, q += m * bp;
   J.rb = q, q += bp;
-  J.colbias = q, q += bp;
   J.gm = q, q += m;
   J.gap = q, q += m * bp * 8;
   J.scratch = q;
   J.dyp = dyp, J.gcp = gcp;
   for (int64_t k = 0; k < m; k++) J.gm[k] = g[k] * (0.5f / (float)b);
   J.B = (Bwd){bp, dp, m, s.bounds, J.xp, J.yp, J.ap, J.cp, J.cb, J.rb, J.wr, J.wc,
-              J.colbias, two, J.gm, dots};
+              two, J.gm, dots};
   J.avx2 = mrl_contrastive_uses_avx2();
   parallel(n, bwd_prep, &J);
   parallel(n, bwd_run, &J);
@@ -1189,20 +1187,53 @@ static XLA_FFI_Error *ffi_metadata(XLA_FFI_CallFrame *cf, int *done) {
   return NULL;
 }
 
-/* Buffer k of args (is_ret 0) or rets (1), checked for dtype and rank. */
-static XLA_FFI_Buffer *ffi_buffer(XLA_FFI_CallFrame *cf, int is_ret, int64_t k,
-                                  XLA_FFI_DataType dtype, int64_t rank) {
-  int64_t size = is_ret ? cf->rets.size : cf->args.size;
-  if (k >= size) return NULL;
-  int type = is_ret ? (int)cf->rets.types[k] : (int)cf->args.types[k];
-  if (type != 1) return NULL; /* XLA_FFI_ArgType_BUFFER == XLA_FFI_RetType_BUFFER */
-  XLA_FFI_Buffer *b = (XLA_FFI_Buffer *)(is_ret ? cf->rets.rets[k] : cf->args.args[k]);
-  if (b->dtype != dtype || b->rank != rank) return NULL;
-  return b;
+/* Decodes the call's buffers against sig: a dtype letter (f: f32, s: s32)
+ * and a rank per argument, '|', the same per result, into o[] (arguments,
+ * then results). Both handlers' first arguments are x, y [B, d], dims [M],
+ * inv_tau [M] and eps [1]: checked here, *b, *d, *m set. NULL, or the error
+ * to return. */
+static XLA_FFI_Error *ffi_operands(XLA_FFI_CallFrame *cf, const char *name, const char *sig,
+                                   XLA_FFI_Buffer **o, int64_t *b, int64_t *d, int64_t *m) {
+  static __thread char msg[160];
+  const char *bar = strchr(sig, '|');
+  int64_t k = 0, nargs = 0;
+  for (const char *c = sig; *c; c += 2) {
+    if (c == bar) {
+      nargs = k;
+      c++; /* past the '|' */
+    }
+    int is_ret = c > bar;
+    int64_t i = is_ret ? k - nargs : k, size = is_ret ? cf->rets.size : cf->args.size;
+    XLA_FFI_DataType dtype = c[0] == 'f' ? XLA_FFI_DataType_F32 : XLA_FFI_DataType_S32;
+    /* XLA_FFI_ArgType_BUFFER == XLA_FFI_RetType_BUFFER == 1 */
+    int type = i < size ? (int)(is_ret ? cf->rets.types[i] : cf->args.types[i]) : 0;
+    XLA_FFI_Buffer *buf = type == 1 ? (is_ret ? cf->rets.rets[i] : cf->args.args[i]) : NULL;
+    if (buf == NULL || buf->dtype != dtype || buf->rank != c[1] - '0') {
+      snprintf(msg, sizeof(msg), "%s: operand %lld is not %s buffer of rank %c", name,
+               (long long)k, c[0] == 'f' ? "a float32" : "an int32", c[1]);
+      return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT, msg);
+    }
+    o[k++] = buf;
+  }
+  if (cf->args.size != nargs || cf->rets.size != k - nargs) {
+    snprintf(msg, sizeof(msg), "%s: %lld arguments and %lld results, not %lld and %lld", name,
+             (long long)cf->args.size, (long long)cf->rets.size, (long long)nargs,
+             (long long)(k - nargs));
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT, msg);
+  }
+  *b = o[0]->dims[0], *d = o[0]->dims[1], *m = o[2]->dims[0];
+  if (o[1]->dims[0] != *b || o[1]->dims[1] != *d || o[3]->dims[0] != *m ||
+      o[4]->dims[0] != 1 || *m < 1 || *m > MAX_PREFIXES || *b < 1) {
+    snprintf(msg, sizeof(msg), "%s: inconsistent shapes", name);
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT, msg);
+  }
+  return NULL;
 }
 
-#define F32 XLA_FFI_DataType_F32
-#define S32 XLA_FFI_DataType_S32
+/* Whether buf has the shape [n0] (n1 < 0) or [n0, n1]. */
+static int ffi_shape(const XLA_FFI_Buffer *buf, int64_t n0, int64_t n1) {
+  return buf->dims[0] == n0 && (n1 < 0 || buf->dims[1] == n1);
+}
 
 /* The stored dots between a forward call and its backward: one process-wide
  * buffer, reused across calls (XLA would allocate a fresh output buffer per
@@ -1264,21 +1295,16 @@ XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
   int done;
   XLA_FFI_Error *err = ffi_metadata(cf, &done);
   if (done) return err;
-  XLA_FFI_Buffer *x = ffi_buffer(cf, 0, 0, F32, 2), *y = ffi_buffer(cf, 0, 1, F32, 2),
-                 *dims = ffi_buffer(cf, 0, 2, S32, 1), *tau = ffi_buffer(cf, 0, 3, F32, 1),
-                 *eps = ffi_buffer(cf, 0, 4, F32, 1), *loss = ffi_buffer(cf, 1, 0, F32, 1),
-                 *lr = ffi_buffer(cf, 1, 1, F32, 2), *lc = ffi_buffer(cf, 1, 2, F32, 2),
-                 *two = ffi_buffer(cf, 1, 3, S32, 1), *token = ffi_buffer(cf, 1, 4, S32, 1);
-  if (cf->args.size != 5 || cf->rets.size != 5 || !x || !y || !dims || !tau || !eps || !loss ||
-      !lr || !lc || !two || !token)
+  XLA_FFI_Buffer *o[10];
+  int64_t b, d, m;
+  if ((err = ffi_operands(cf, "mrl_contrastive_forward", "f2f2s1f1f1|f1f2f2s1s1", o, &b, &d, &m)))
+    return err;
+  XLA_FFI_Buffer *x = o[0], *y = o[1], *dims = o[2], *tau = o[3], *eps = o[4], *loss = o[5],
+                 *lr = o[6], *lc = o[7], *two = o[8], *token = o[9];
+  if (!ffi_shape(loss, m, -1) || !ffi_shape(lr, m, b) || !ffi_shape(lc, m, b) ||
+      !ffi_shape(two, m, -1) || !ffi_shape(token, 1, -1))
     return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
-                     "mrl_contrastive_forward: wrong operands");
-  int64_t b = x->dims[0], d = x->dims[1], m = dims->dims[0];
-  if (y->dims[0] != b || y->dims[1] != d || tau->dims[0] != m || eps->dims[0] != 1 ||
-      loss->dims[0] != m || lr->dims[0] != m || lr->dims[1] != b || token->dims[0] != 1 ||
-      m < 1 || m > MAX_PREFIXES || b < 1)
-    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
-                     "mrl_contrastive_forward: inconsistent shapes");
+                     "mrl_contrastive_forward: inconsistent result shapes");
   pool_api = cf->api, pool_ctx = cf->ctx;
   pthread_mutex_lock(&ws_lock);
   float *store = ws_reserve_locked(mrl_contrastive_dots_size(b, m));
@@ -1306,21 +1332,17 @@ XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
   int done;
   XLA_FFI_Error *err = ffi_metadata(cf, &done);
   if (done) return err;
-  XLA_FFI_Buffer *x = ffi_buffer(cf, 0, 0, F32, 2), *y = ffi_buffer(cf, 0, 1, F32, 2),
-                 *dims = ffi_buffer(cf, 0, 2, S32, 1), *tau = ffi_buffer(cf, 0, 3, F32, 1),
-                 *eps = ffi_buffer(cf, 0, 4, F32, 1), *lr = ffi_buffer(cf, 0, 5, F32, 2),
-                 *lc = ffi_buffer(cf, 0, 6, F32, 2), *two = ffi_buffer(cf, 0, 7, S32, 1),
-                 *g = ffi_buffer(cf, 0, 8, F32, 1), *token = ffi_buffer(cf, 0, 9, S32, 1),
-                 *dx = ffi_buffer(cf, 1, 0, F32, 2), *dy = ffi_buffer(cf, 1, 1, F32, 2),
-                 *dtau = ffi_buffer(cf, 1, 2, F32, 1);
-  if (cf->args.size != 10 || cf->rets.size != 3 || !x || !y || !dims || !tau || !eps || !lr ||
-      !lc || !two || !g || !token || !dx || !dy || !dtau)
-    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
-                     "mrl_contrastive_backward: wrong operands");
-  int64_t b = x->dims[0], d = x->dims[1], m = dims->dims[0];
-  if (y->dims[0] != b || y->dims[1] != d || tau->dims[0] != m || g->dims[0] != m ||
-      lr->dims[0] != m || lr->dims[1] != b || token->dims[0] != 1 || m < 1 ||
-      m > MAX_PREFIXES || b < 1)
+  XLA_FFI_Buffer *o[13];
+  int64_t b, d, m;
+  if ((err = ffi_operands(cf, "mrl_contrastive_backward", "f2f2s1f1f1f2f2s1f1s1|f2f2f1", o, &b,
+                          &d, &m)))
+    return err;
+  XLA_FFI_Buffer *x = o[0], *y = o[1], *dims = o[2], *tau = o[3], *eps = o[4], *lr = o[5],
+                 *lc = o[6], *two = o[7], *g = o[8], *token = o[9], *dx = o[10], *dy = o[11],
+                 *dtau = o[12];
+  if (!ffi_shape(lr, m, b) || !ffi_shape(lc, m, b) || !ffi_shape(two, m, -1) ||
+      !ffi_shape(g, m, -1) || !ffi_shape(token, 1, -1) || !ffi_shape(dx, b, d) ||
+      !ffi_shape(dy, b, d) || !ffi_shape(dtau, m, -1))
     return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                      "mrl_contrastive_backward: inconsistent shapes");
   uint32_t gen = (uint32_t)((const int32_t *)token->data)[0];
@@ -1340,6 +1362,4 @@ XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
                      "mrl_contrastive_backward: out of memory");
   return NULL;
 }
-#undef F32
-#undef S32
 #endif /* MRL_WITH_XLA_FFI */

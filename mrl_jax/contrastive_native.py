@@ -67,7 +67,7 @@ def _library():
 
 @functools.lru_cache(maxsize=1)
 def _registered() -> bool:
-  lib = _check_library()
+  lib = check_available()
   for name, fn in ((_FORWARD, lib.mrl_contrastive_ffi_forward),
                    (_BACKWARD, lib.mrl_contrastive_ffi_backward)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform='cpu')
@@ -86,12 +86,12 @@ def uses_avx2() -> bool:
 
 def force_generic(on: bool) -> None:
   """Run the baseline-ISA build even where AVX2 + FMA exist (tests)."""
-  _check_library().mrl_contrastive_force_generic(int(bool(on)))
+  check_available().mrl_contrastive_force_generic(int(bool(on)))
 
 
 def set_threads(n: int | None) -> None:
   """Threads of every later call: n, or None for the CPUs this process may use."""
-  _check_library().mrl_contrastive_set_threads(int(n or 0))
+  check_available().mrl_contrastive_set_threads(int(n or 0))
 
 
 def set_workspace_limit(num_bytes: int) -> None:
@@ -101,15 +101,16 @@ def set_workspace_limit(num_bytes: int) -> None:
   every backward pass then recomputes the dots (one more B x B x d pass).
   A smaller limit than the buffer held frees it now.
   """
-  _check_library().mrl_contrastive_set_workspace_limit(int(num_bytes))
+  check_available().mrl_contrastive_set_workspace_limit(int(num_bytes))
 
 
 def workspace_bytes() -> int:
   """Bytes held for the stored dots now."""
-  return int(_check_library().mrl_contrastive_workspace_bytes())
+  return int(check_available().mrl_contrastive_workspace_bytes())
 
 
-def _check_library():
+def check_available():
+  """The library; raises RuntimeError with the fix where it was not built."""
   lib = _library()
   if lib is None:
     raise RuntimeError(

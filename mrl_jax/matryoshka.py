@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax import contrastive_native
+
 MODES = ('mrl', 'mrl_e', 'ff')
 
 # Norms below this are treated as zero by `truncate` (no division by zero).
@@ -555,7 +557,6 @@ def _softmax_native(x, y, dims, inv_tau, eps):
   `contrastive_native.softmax_loss` computes what `_softmax_fwd` does for
   each prefix, norms and label smoothing included, as two XLA FFI calls.
   """
-  from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
   return contrastive_native.softmax_loss(x.astype(jnp.float32), y.astype(jnp.float32),
                                          tuple(int(m) for m in dims), inv_tau, float(eps))
 
@@ -726,7 +727,6 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
         f'contrastive: label_smoothing={label_smoothing!r} must be a number '
         'in [0, 1), e.g. 0.0 (off) or 0.1.')
   if impl == 'native':
-    from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
     if kind != 'softmax':
       raise ValueError(
           f"contrastive: impl='native' computes kind='softmax' only, not "
@@ -739,8 +739,7 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
       raise ValueError(
           f"contrastive: impl='native' takes at most {contrastive_native.MAX_PREFIXES} "
           f"prefixes, not {len(dims)}; use impl='xla'.")
-    if not contrastive_native.available():
-      contrastive_native._check_library()  # pylint: disable=protected-access
+    contrastive_native.check_available()
   if kind == 'sigmoid' and label_smoothing:
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} applies to '

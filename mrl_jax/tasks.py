@@ -19,6 +19,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from mrl_jax import contrastive_native
 from mrl_jax import matryoshka
 from mrl_jax import models
 
@@ -66,8 +67,7 @@ def check_contrastive_config(config, mesh=None) -> None:
     if kind != "softmax":
       raise ValueError("config.contrastive.impl='native' computes the softmax loss only; "
                        "use impl='xla' for kind='sigmoid'.")
-    from mrl_jax import contrastive_native  # pylint: disable=g-import-not-at-top
-    contrastive_native._check_library()  # pylint: disable=protected-access
+    contrastive_native.check_available()
     devices = mesh.devices.size if mesh is not None else jax.device_count()
     if devices != 1 or jax.default_backend() != "cpu":
       raise ValueError(

@@ -174,3 +174,19 @@ def test_bad_options():
   with pytest.raises(ValueError, match="at most 64 prefixes"):
     mrl.contrastive(jnp.ones((4, 80)), jnp.ones((4, 80)), list(range(1, 81)),
                     temperature=0.1, impl="native")
+
+
+def test_custom_calls_check_their_operands():
+  contrastive_native._registered()  # pylint: disable=protected-access
+  f32 = jnp.float32
+  results = (jax.ShapeDtypeStruct((1,), f32), jax.ShapeDtypeStruct((1, 4), f32),
+             jax.ShapeDtypeStruct((1, 4), f32), jax.ShapeDtypeStruct((1,), jnp.int32),
+             jax.ShapeDtypeStruct((1,), jnp.int32))
+  call = jax.ffi.ffi_call(contrastive_native._FORWARD, results)  # pylint: disable=protected-access
+  good = (jnp.ones((4, 8), f32), jnp.ones((4, 8), f32), jnp.asarray([8], jnp.int32),
+          jnp.ones((1,), f32), jnp.zeros((1,), f32))
+  jax.block_until_ready(call(*good))
+  with pytest.raises(Exception, match="operand 2 is not an int32 buffer of rank 1"):
+    jax.block_until_ready(call(*good[:2], jnp.asarray([8.0]), *good[3:]))
+  with pytest.raises(Exception, match="inconsistent shapes"):
+    jax.block_until_ready(call(good[0], jnp.ones((5, 8), f32), *good[2:]))
