@@ -88,25 +88,40 @@ INLINE void stream8(float *p, v8f v) { store8(p, v); }
 #endif
 /* Scalars broadcast through vector-scalar arithmetic (one vbroadcastss). */
 
-/* exp(x) to ~1 ulp for x <= 88 (Cephes' expf: x = n ln2 + r, |r| <= ln2/2,
- * a degree-6 polynomial in r, times 2^n); exactly 0 below -87.3, so a -inf
- * argument (a padded row or column) adds nothing to any sum. */
-INLINE v8f vexp(v8f x) {
-  const float lo = -87.33654f;
-  v8i keep = (v8i)(x >= lo);
-  x = (v8f)(((v8i)x & keep) | ((v8i)((v8f){0} + lo) & ~keep));
+/* 2^z to ~3 ulp (z = n + r, n an integer, |r| <= 1/2, a degree-5 minimax
+ * polynomial for 2^r, times 2^n): the exps are taken in base 2, log2(e)
+ * folded into the logit scales and biases, which saves the base-e range
+ * reduction. z is clamped to >= -126, so a -inf argument (a padded row or
+ * column) gives 2^-126 (~1e-38): next to sums >= e^-60 it adds nothing, and
+ * every cotangent it enters is multiplied by an exact 0 (its row or column
+ * scale). */
+INLINE v8f vexp2(v8f z) {
+  const float lo = -126.0f;
+  v8i keep = (v8i)(z >= lo);
+  z = (v8f)(((v8i)z & keep) | ((v8i)((v8f){0} + lo) & ~keep));
   const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-  v8f t = x * 1.44269504088896341f + magic;
-  v8f n = t - magic;
-  v8f r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  v8i bits = (v8i)p + (((v8i)t - 0x4B400000) << 23); /* + n in the exponent */
-  return (v8f)(bits & keep);
+  v8f t = z + magic;
+  v8f r = z - (t - magic);
+  v8f p = r * 1.3302220031619072e-3f + 9.672933258116245e-3f;
+  p = p * r + 5.55061511695385e-2f;
+  p = p * r + 2.4022217094898224e-1f;
+  p = p * r + 6.931470632553101e-1f;
+  p = p * r + 1.0f;
+  /* t's bits are 0x4B400000 + n: shifted left by 23, only n is left */
+  return (v8f)((v8i)p + ((v8i)t << 23));
+}
+#define LOG2E 1.44269504088896341f
+#define LN2 0.693147180559945309f
+
+/* The offset of prefix m's dots of tile (ti, bj) (nbj y blocks, M
+ * prefixes), in the order the backward reads them: by x tiles; within each
+ * by runs of the PC / TJ y blocks of a backward panel; within a run by
+ * prefix, from the last; then by y block. One prefix of a panel row is one
+ * contiguous read. */
+#define CB (PC / TJ)
+INLINE int64_t dots_at(int64_t nbj, int64_t M, int64_t ti, int64_t bj, int64_t m) {
+  int64_t r0 = bj / CB * CB, nb = nbj - r0 < CB ? nbj - r0 : CB;
+  return ((ti * nbj + r0) * M + (M - 1 - m) * nb + (bj - r0)) * (TI * TJ);
 }
 
 #define FOR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
@@ -120,10 +135,10 @@ typedef struct {
   const int32_t *bounds;  /* [m + 1] padded chunk offsets */
   const float *xk;        /* [bp/4][dp][4]: x packed by tiles */
   const float *yk;        /* [bp/24][dp][24]: y packed by blocks */
-  const float *a, *c;     /* [m][bp] logit scales (0 on padded rows) */
-  const float *cb;        /* [m][bp] column bias - shift_m (-inf on padded columns) */
+  const float *a, *c;     /* [m][bp] logit scales, a times log2(e) (0 on padded rows) */
+  const float *cb;        /* [m][bp] -shift_m log2(e) (-inf on padded columns) */
   const float *rb;        /* [bp] row bias: 0, or -inf on padded rows */
-  float *dots;            /* [bp/4][bp/24][m][4][24] */
+  float *dots;            /* bp * bp * m floats, tiles of [4][24] (dots_at) */
   float *rowp;            /* [m][bp][8] lane partials of the row sums */
   int64_t nkb;            /* feature blocks */
   const int32_t *kb;      /* [nkb + 1] their offsets */
@@ -164,13 +179,15 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
     }
     if (F->bounds[m + 1] > k1) break; /* the chunk goes on in the next block */
     /* Prefix m is complete: store its dots, add its exps to the sums. */
-    float *dt = F->dots != NULL ? F->dots + ((ti * nbj + bj) * F->m + m) * (TI * TJ) : NULL;
+    float *dt = F->dots != NULL ? F->dots + dots_at(nbj, F->m, ti, bj, m) : NULL;
     const float *cm = F->c + m * bp + j0, *cbm = F->cb + m * bp + j0, *am = F->a + m * bp;
     v8f c0 = load8(cm), c1 = load8(cm + 8), c2 = load8(cm + 16);
     v8f b0 = load8(cbm), b1 = load8(cbm + 8), b2 = load8(cbm + 16);
     v8f cs0 = {0}, cs1 = {0}, cs2 = {0};
     float *rp = F->rowp + (m * bp + i0) * 8;
-#define EPI(q)                                                          \
+    /* PAD: a tile with padded rows, whose -inf row biases mask them out of
+     * the column sums (the last tiles only: the rest skip the add). */
+#define EPI(q, PAD)                                                     \
   {                                                                     \
     if (dt == NULL) {                                                   \
     } else if (F->aligned) {                                            \
@@ -182,16 +199,24 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
       store8(dt + q * 24 + 8, A##q##1);                                 \
       store8(dt + q * 24 + 16, A##q##2);                                \
     }                                                                   \
-    float aq = am[i0 + q], rq = F->rb[i0 + q];                          \
-    v8f e0 = vexp(A##q##0 * (aq * c0) + (b0 + rq));                     \
-    v8f e1 = vexp(A##q##1 * (aq * c1) + (b1 + rq));                     \
-    v8f e2 = vexp(A##q##2 * (aq * c2) + (b2 + rq));                     \
+    float aq = am[i0 + q], rq = PAD ? F->rb[i0 + q] : 0.0f;             \
+    v8f e0 = vexp2(A##q##0 * (aq * c0) + (PAD ? b0 + rq : b0));         \
+    v8f e1 = vexp2(A##q##1 * (aq * c1) + (PAD ? b1 + rq : b1));         \
+    v8f e2 = vexp2(A##q##2 * (aq * c2) + (PAD ? b2 + rq : b2));         \
     store8(rp + q * 8, load8(rp + q * 8) + ((e0 + e1) + e2));           \
     cs0 += e0;                                                          \
     cs1 += e1;                                                          \
     cs2 += e2;                                                          \
   }
-    FOR_TILE(EPI)
+#define EPI_PAD(q) EPI(q, 1)
+#define EPI_FULL(q) EPI(q, 0)
+    if (F->rb[i0 + TI - 1] != 0.0f) {
+      FOR_TILE(EPI_PAD)
+    } else {
+      FOR_TILE(EPI_FULL)
+    }
+#undef EPI_FULL
+#undef EPI_PAD
 #undef EPI
     float *cp = colp + m * bp + j0;
     store8(cp, load8(cp) + cs0);
@@ -233,78 +258,66 @@ typedef struct {
   int64_t bp, dp, m;
   const int32_t *bounds;
   const float *x, *y;     /* [dp/8][bp][8]: padded, in slabs of 8 features */
-  const float *a, *c;     /* [m][bp] */
-  const float *cb;        /* [m][bp] column bias - shift_m, or - lse_c where two[m] */
+  const float *a, *c;     /* [m][bp]: a times log2(e) */
+  const float *cb;        /* [m][bp] (column bias - shift_m, or - lse_c where two[m]) log2(e) */
   const float *rb;        /* [bp] row and column bias: 0, or -inf on padded rows */
   const float *wr, *wc;   /* [m][bp] one exp: gm e^(shift - lse) of rows / columns;
-                             two exps: wr = row bias - lse_r, wc unused */
+                             two exps: wr = (row bias - lse_r) log2(e), wc unused */
   const int32_t *two;     /* [m] */
-  const float *gm;        /* [m] g_m / (2 B) */
+  const float *gm;        /* [m] g_m ln(2) / (2 B) */
   const float *dots;      /* the forward's */
 } Bwd;
 
-/* The cotangents of one tile (4 x rows from i0, 24 y rows from block bj) of
- * every prefix: ga / gc partials, and h of every chunk into the panel hp
- * [m][PR][PC] at (pr, pc). gd: scratch [m][96]. */
-INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, float *gap, float *gcp, float *gd,
-                     float *hp, int64_t pr, int64_t pc) {
-  const int64_t bp = B->bp, M = B->m, nbj = bp / TJ, i0 = ti * TI, j0 = bj * TJ;
-  const float *dt = B->dots + (ti * nbj + bj) * M * (TI * TJ);
-  for (int64_t m = 0; m < M; m++, dt += TI * TJ) {
-    const float *cm = B->c + m * bp + j0, *am = B->a + m * bp;
-    const float *cbm = B->cb + m * bp + j0;
-    v8f cv[3], bv[3], gcv[3];
-    for (int v = 0; v < 3; v++) cv[v] = load8(cm + 8 * v), bv[v] = load8(cbm + 8 * v), gcv[v] = (v8f){0};
-    float *gp = gap + (m * bp + i0) * 8, *gdm = gd + m * 96;
-    if (!B->two[m]) {
-      const float *wcm = B->wc + m * bp + j0, *wrm = B->wr + m * bp;
-      v8f wv[3];
-      for (int v = 0; v < 3; v++) wv[v] = load8(wcm + 8 * v);
-      for (int q = 0; q < TI; q++) {
-        float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
-        v8f ga = {0};
-        for (int v = 0; v < 3; v++) {
-          v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v];
-          v8f g = vexp(dv * ac + (bv[v] + rq)) * (wv[v] + wq);
-          store8(gdm + q * 24 + 8 * v, g * ac);
-          v8f t = g * dv; /* G dots */
-          ga += t * cv[v];
-          gcv[v] += t * aq;
-        }
-        store8(gp + q * 8, load8(gp + q * 8) + ga);
-      }
-    } else { /* bv: column bias - lse_c; wr: row bias - lse_r */
-      const float *wrm = B->wr + m * bp, *cbias = B->rb + j0; /* as columns */
-      float gmm = B->gm[m];
-      for (int q = 0; q < TI; q++) {
-        float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
-        v8f ga = {0};
-        for (int v = 0; v < 3; v++) {
-          v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v], l = dv * ac;
-          v8f g = (vexp(l + (load8(cbias + 8 * v) + wq)) + vexp(l + (bv[v] + rq))) * gmm;
-          store8(gdm + q * 24 + 8 * v, g * ac);
-          v8f t = g * dv;
-          ga += t * cv[v];
-          gcv[v] += t * aq;
-        }
-        store8(gp + q * 8, load8(gp + q * 8) + ga);
-      }
-    }
-    float *cp = gcp + m * bp + j0;
-    for (int v = 0; v < 3; v++) store8(cp + 8 * v, load8(cp + 8 * v) + gcv[v]);
-  }
-  /* Chunks from the largest down: h_c = sum of gd over the prefixes >= c. */
-  v8f h[TI][3];
-  for (int q = 0; q < TI; q++) h[q][0] = h[q][1] = h[q][2] = (v8f){0};
-  for (int64_t m = M - 1; m >= 0; m--) {
-    for (int q = 0; q < TI; q++) {
-      float *hr = hp + (m * PR + pr + q) * PC + pc;
+/* The cotangents of prefix m of one tile (4 x rows from i0, 24 y rows from
+ * block bj): ga / gc partials, and h_m = gd_m + h_(m+1) into the panel h at
+ * (pr, pc), in place (last: m is the last prefix, h holds nothing yet). */
+INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, int64_t m, float *gap, float *gcp,
+                     float *h, int64_t pr, int64_t pc, int last) {
+  const int64_t bp = B->bp, M = B->m, i0 = ti * TI, j0 = bj * TJ;
+  const float *dt = B->dots + dots_at(bp / TJ, M, ti, bj, m);
+  const float *cm = B->c + m * bp + j0, *am = B->a + m * bp;
+  const float *cbm = B->cb + m * bp + j0;
+  v8f cv[3], bv[3], gcv[3];
+  for (int v = 0; v < 3; v++) cv[v] = load8(cm + 8 * v), bv[v] = load8(cbm + 8 * v), gcv[v] = (v8f){0};
+  float *gp = gap + (m * bp + i0) * 8, *hr = h + pr * PC + pc;
+  if (!B->two[m]) { /* padded rows need no bias here: their a is 0 and their w finite */
+    const float *wcm = B->wc + m * bp + j0, *wrm = B->wr + m * bp;
+    v8f wv[3];
+    for (int v = 0; v < 3; v++) wv[v] = load8(wcm + 8 * v);
+    for (int q = 0; q < TI; q++, hr += PC) {
+      float aq = am[i0 + q], wq = wrm[i0 + q];
+      v8f ga = {0};
       for (int v = 0; v < 3; v++) {
-        h[q][v] += load8(gd + m * 96 + q * 24 + 8 * v);
-        store8(hr + 8 * v, h[q][v]);
+        v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v];
+        v8f g = vexp2(dv * ac + bv[v]) * (wv[v] + wq);
+        v8f gd = g * ac;
+        store8(hr + 8 * v, last ? gd : gd + load8(hr + 8 * v));
+        v8f t = g * dv; /* G dots */
+        ga += t * cv[v];
+        gcv[v] += t * aq;
       }
+      store8(gp + q * 8, load8(gp + q * 8) + ga);
+    }
+  } else { /* bv: column bias - lse_c; wr: row bias - lse_r */
+    const float *wrm = B->wr + m * bp, *cbias = B->rb + j0; /* as columns */
+    float gmm = B->gm[m];
+    for (int q = 0; q < TI; q++, hr += PC) {
+      float aq = am[i0 + q], rq = B->rb[i0 + q], wq = wrm[i0 + q];
+      v8f ga = {0};
+      for (int v = 0; v < 3; v++) {
+        v8f dv = load8(dt + q * 24 + 8 * v), ac = aq * cv[v], l = dv * ac;
+        v8f g = (vexp2(l + (load8(cbias + 8 * v) + wq)) + vexp2(l + (bv[v] + rq))) * gmm;
+        v8f gd = g * ac;
+        store8(hr + 8 * v, last ? gd : gd + load8(hr + 8 * v));
+        v8f t = g * dv;
+        ga += t * cv[v];
+        gcv[v] += t * aq;
+      }
+      store8(gp + q * 8, load8(gp + q * 8) + ga);
     }
   }
+  float *cp = gcp + m * bp + j0;
+  for (int v = 0; v < 3; v++) store8(cp + 8 * v, load8(cp + 8 * v) + gcv[v]);
 }
 
 /* out[r][f] += sum_k p(r, k) v[k][f] for 6 rows r, k < nk and the 16
@@ -351,24 +364,24 @@ INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const floa
   }
 }
 
-/* x rows [r_begin, r_end) (multiples of 24) against every y row. dx: rows
- * of this call, accumulated into; gap [m][bp][8] lane partials of ga, rows
- * of this call; dyp [bp][dp], gcp [m][bp]: this call's zeroed partials;
- * scratch: M * (96 + PR * PC) floats. */
+/* x rows [r_begin, r_end) (multiples of 24) against every y row, by
+ * panels of PR x PC; in each, the prefixes from the last: h_m of every tile,
+ * then chunk m's two products with it. dx: rows of this call, accumulated
+ * into; gap [m][bp][8] lane partials of ga, rows of this call; dyp [bp][dp],
+ * gcp [m][bp]: this call's zeroed partials; scratch: the PR * PC panel. */
 INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, float *dyp,
                      float *gap, float *gcp, float *scratch) {
   const int64_t bp = B->bp, M = B->m, slab = bp * 8;
-  float *gd = scratch, *hp = scratch + M * 96;
+  float *h = scratch;
   for (int64_t c0 = 0; c0 < bp; c0 += PC) {
     int64_t nc = c0 + PC < bp ? PC : bp - c0;
     for (int64_t r0 = r_begin; r0 < r_end; r0 += PR) {
       int64_t nr = r0 + PR < r_end ? PR : r_end - r0;
-      /* (x tile, y block) in the order of the stored dots: a sequential read */
-      for (int64_t ti = r0 / TI; ti < (r0 + nr) / TI; ti++)
-        for (int64_t bj = c0 / TJ; bj < (c0 + nc) / TJ; bj++)
-          bwd_tile(B, ti, bj, gap, gcp, gd, hp, ti * TI - r0, bj * TJ - c0);
-      for (int64_t m = 0; m < M; m++) {
-        const float *h = hp + m * PR * PC;
+      for (int64_t m = M - 1; m >= 0; m--) {
+        /* (x tile, y block) in the order of the stored dots: a sequential read */
+        for (int64_t ti = r0 / TI; ti < (r0 + nr) / TI; ti++)
+          for (int64_t bj = c0 / TJ; bj < (c0 + nc) / TJ; bj++)
+            bwd_tile(B, ti, bj, m, gap, gcp, h, ti * TI - r0, bj * TJ - c0, m == M - 1);
         int64_t lo = B->bounds[m], hi = B->bounds[m + 1];
         for (int64_t f = lo; f < hi; f += 16) {
           int w16 = f + 16 <= hi;
@@ -387,7 +400,7 @@ INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, fl
 
 /* Exact row and column log-sum-exps of prefix m from the stored dots (for a
  * prefix whose one-shift sums underflowed): max-shifted, summed in double.
- * Single-threaded: a rare path. lr, lc: [bp], padded entries untouched. */
+ * Single-threaded: a rare path. a, c: [b], the caller's; lr, lc: [b]. */
 static void exact_lse(const float *dots, int64_t bp, int64_t M, int64_t m, int64_t b,
                       const float *a, const float *c, float *lr, float *lc) {
   const int64_t nbj = bp / TJ;
@@ -405,7 +418,7 @@ static void exact_lse(const float *dots, int64_t bp, int64_t M, int64_t m, int64
   for (int pass = 0; pass < 2; pass++) {
     for (int64_t ti = 0; ti < bp / TI; ti++) {
       for (int64_t bj = 0; bj < nbj; bj++) {
-        const float *dt = dots + ((ti * nbj + bj) * M + m) * (TI * TJ);
+        const float *dt = dots + dots_at(nbj, M, ti, bj, m);
         for (int q = 0; q < TI; q++) {
           int64_t i = ti * TI + q;
           if (i >= b) continue;
@@ -585,6 +598,90 @@ static void share(int64_t bp, int64_t unit, int t, int n, int64_t *lo, int64_t *
 }
 
 /* ---------------------------------------------------------------------- */
+/* Buffers kept between calls.                                            */
+/* ---------------------------------------------------------------------- */
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static int64_t scratch_limit = (int64_t)2 << 30; /* set with the dots' limit (FFI handlers) */
+
+/* 2 MB aligned anonymous memory, transparent huge pages asked for. */
+static void *map_bytes(int64_t *bytes) {
+  int64_t cap = (*bytes + ((int64_t)1 << 21) - 1) & ~(((int64_t)1 << 21) - 1);
+  void *p = mmap(NULL, (size_t)cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+  madvise(p, (size_t)cap, MADV_HUGEPAGE);
+#endif
+  *bytes = cap;
+  return p;
+}
+
+/* The passes' scratch (megabytes: the padded inputs, the gradient partials)
+ * comes from a few cached blocks: allocated fresh, it is mapped and
+ * page-faulted in on every call, which cost 1-5 ms a step at B = 1024. */
+#define SCRATCH_SLOTS 4
+typedef struct {
+  void *p;
+  int64_t cap;
+} Block;
+static Block scratch_cache[SCRATCH_SLOTS];
+
+static int64_t scratch_cached_locked(void) {
+  int64_t total = 0;
+  for (int k = 0; k < SCRATCH_SLOTS; k++) total += scratch_cache[k].cap;
+  return total;
+}
+
+/* A block of >= bytes (64-byte aligned), or p NULL. */
+static Block scratch_take(int64_t bytes) {
+  Block blk = {NULL, 0};
+  pthread_mutex_lock(&scratch_lock);
+  int best = -1;
+  for (int k = 0; k < SCRATCH_SLOTS; k++)
+    if (scratch_cache[k].p != NULL && scratch_cache[k].cap >= bytes &&
+        (best < 0 || scratch_cache[k].cap < scratch_cache[best].cap))
+      best = k;
+  if (best >= 0) {
+    blk = scratch_cache[best];
+    scratch_cache[best] = (Block){NULL, 0};
+  }
+  pthread_mutex_unlock(&scratch_lock);
+  if (blk.p == NULL) {
+    blk.cap = bytes;
+    blk.p = map_bytes(&blk.cap);
+    if (blk.p == NULL) blk.cap = 0;
+  }
+  return blk;
+}
+
+/* Back into the cache (in place of a smaller block if full), or unmapped. */
+static void scratch_give(Block blk) {
+  if (blk.p == NULL) return;
+  pthread_mutex_lock(&scratch_lock);
+  int slot = -1;
+  for (int k = 0; k < SCRATCH_SLOTS; k++)
+    if (slot < 0 || scratch_cache[k].cap < scratch_cache[slot].cap) slot = k;
+  Block out = blk;
+  if (scratch_cache[slot].cap < blk.cap &&
+      scratch_cached_locked() - scratch_cache[slot].cap + blk.cap <= scratch_limit) {
+    out = scratch_cache[slot];
+    scratch_cache[slot] = blk;
+  }
+  pthread_mutex_unlock(&scratch_lock);
+  if (out.p != NULL) munmap(out.p, (size_t)out.cap);
+}
+
+/* Unmap the cached blocks until they fit in scratch_limit. */
+static void scratch_trim_locked(void) {
+  while (scratch_cached_locked() > scratch_limit) {
+    int big = 0;
+    for (int k = 1; k < SCRATCH_SLOTS; k++)
+      if (scratch_cache[k].cap > scratch_cache[big].cap) big = k;
+    munmap(scratch_cache[big].p, (size_t)scratch_cache[big].cap);
+    scratch_cache[big] = (Block){NULL, 0};
+  }
+}
+
+/* ---------------------------------------------------------------------- */
 /* The whole forward and backward passes on unpadded inputs.              */
 /* ---------------------------------------------------------------------- */
 typedef struct {
@@ -625,29 +722,57 @@ typedef struct {
   int avx2;
 } FwdJob;
 
+/* Rows [i0, i0 + R) of v ([b][d]; rows from b on are zeros) packed for the
+ * forward: padded feature f of row i0 + q at dst[f * R + q] (R <= 24). */
+static void pack_rows(const float *v, const Shape *s, int64_t i0, int R, float *dst) {
+  const float *row[24];
+  int nv = s->b - i0 < R ? (int)(s->b - i0) : R;
+  if (nv < 0) nv = 0;
+  for (int q = 0; q < nv; q++) row[q] = v + (i0 + q) * s->d;
+  for (int64_t k = 0; k < s->m; k++) {
+    int32_t c0 = k ? s->dims[k - 1] : 0, w = s->dims[k] - c0;
+    float *o = dst + s->bounds[k] * R;
+    for (int32_t j = 0; j < w; j++, o += R) {
+      for (int q = 0; q < nv; q++) o[q] = row[q][c0 + j];
+      for (int q = nv; q < R; q++) o[q] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * R * (s->bounds[k + 1] - s->bounds[k] - w));
+  }
+}
+
+/* Row i of v ([b][d]; zeros from b on) into the backward's slabs: padded
+ * feature f at dst[(f / 8) * bp * 8 + f % 8] (dst: row i of slab 0). */
+static void pack_slabs(const float *v, const Shape *s, int64_t i, float *dst) {
+  const int64_t slab = s->bp * 8;
+  const float *row = i < s->b ? v + i * s->d : v;
+  for (int64_t k = 0; k < s->m; k++) {
+    int32_t c0 = k ? s->dims[k - 1] : 0, w = i < s->b ? s->dims[k] - c0 : 0;
+    for (int32_t j = 0; j < s->bounds[k + 1] - s->bounds[k]; j += 8) {
+      float *o = dst + (s->bounds[k] + j) / 8 * slab;
+      int nf = w - j < 8 ? (w - j > 0 ? w - j : 0) : 8;
+      if (nf == 8) {
+        memcpy(o, row + c0 + j, sizeof(float) * 8);
+      } else {
+        for (int q = 0; q < nf; q++) o[q] = row[c0 + j + q];
+        for (int q = nf; q < 8; q++) o[q] = 0.0f;
+      }
+    }
+  }
+}
+
 static void fwd_prep(void *p, int t, int n) {
   FwdJob *J = p;
   const Shape *s = J->s;
   int64_t lo, hi;
   share(s->bp, ROWS, t, n, &lo, &hi);
-  for (int64_t i = lo; i < hi; i++) { /* x by tiles, y by blocks, padded */
-    float *xr = J->xk + (i / TI) * s->dp * TI + i % TI;
-    float *yr = J->yk + (i / TJ) * s->dp * TJ + i % TJ;
-    int64_t f = 0;
-    for (int64_t k = 0; k < s->m; k++) {
-      int32_t c0 = k ? s->dims[k - 1] : 0;
-      for (; f < s->bounds[k + 1]; f++) {
-        int64_t src = c0 + f - s->bounds[k];
-        int ok = i < s->b && src < s->dims[k];
-        xr[f * TI] = ok ? J->x[i * s->d + src] : 0.0f;
-        yr[f * TJ] = ok ? J->y[i * s->d + src] : 0.0f;
-      }
-    }
+  for (int64_t i = lo; i < hi; i += TI) pack_rows(J->x, s, i, TI, J->xk + i * s->dp); /* by tiles */
+  for (int64_t i = lo; i < hi; i += TJ) pack_rows(J->y, s, i, TJ, J->yk + i * s->dp); /* by blocks */
+  for (int64_t i = lo; i < hi; i++) {
     J->rb[i] = i < s->b ? 0.0f : -INFINITY;
     for (int64_t k = 0; k < s->m; k++) {
-      J->ap[k * s->bp + i] = i < s->b ? J->a[k * s->b + i] : 0.0f;
+      J->ap[k * s->bp + i] = i < s->b ? J->a[k * s->b + i] * LOG2E : 0.0f;
       J->cp[k * s->bp + i] = i < s->b ? J->c[k * s->b + i] : 0.0f;
-      J->cb[k * s->bp + i] = i < s->b ? -J->shift[k] : -INFINITY;
+      J->cb[k * s->bp + i] = i < s->b ? -J->shift[k] * LOG2E : -INFINITY;
     }
   }
 }
@@ -687,9 +812,10 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
   float **colp = malloc(sizeof(float *) * n);
   size_t nbuf = 2 * bp * dp + 4 * m * bp + bp + (size_t)m * bp * 8 + (size_t)n * m * bp +
                 (size_t)n * GROUP * RUN * 96;
-  buf = aligned_alloc(64, (nbuf * sizeof(float) + 63) / 64 * 64);
+  Block blk = scratch_take((int64_t)(nbuf * sizeof(float)));
+  buf = blk.p;
   if (kb == NULL || colp == NULL || buf == NULL) {
-    free(kb), free(colp), free(buf), free(s.bounds);
+    free(kb), free(colp), scratch_give(blk), free(s.bounds);
     return -1;
   }
   J.xk = buf;
@@ -743,7 +869,7 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
     }
     two[k] = !(lo_sum >= 8.75651076e-27f); /* e^-60 */
     if (two[k] && dots == NULL) { /* rare: compute and store the dots, then the exact sums */
-      free(kb), free(colp), free(buf), free(s.bounds);
+      free(kb), free(colp), scratch_give(blk), free(s.bounds);
       int64_t bytes = mrl_contrastive_dots_size(b, m);
       float *tmp = aligned_alloc(64, (bytes + 63) / 64 * 64);
       if (tmp == NULL) return -1;
@@ -751,12 +877,12 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
       free(tmp);
       return rc;
     }
-    if (two[k]) exact_lse(dots, bp, m, k, b, J.ap + k * bp, J.cp + k * bp, lse_r + k * b,
+    if (two[k]) exact_lse(dots, bp, m, k, b, a + k * b, c + k * b, lse_r + k * b,
                           lse_c + k * b);
   }
   free(kb);
   free(colp);
-  free(buf);
+  scratch_give(blk);
   free(s.bounds);
   return 0;
 }
@@ -777,30 +903,23 @@ static void bwd_prep(void *p, int t, int n) {
   int64_t lo, hi, m = s->m, bp = s->bp;
   share(bp, ROWS, t, n, &lo, &hi);
   for (int64_t i = lo; i < hi; i++) { /* x, y in slabs [dp/8][bp][8] */
-    float *xr = J->xp + i * 8, *yr = J->yp + i * 8;
-    int64_t f = 0;
-    for (int64_t k = 0; k < m; k++) {
-      int32_t c0 = k ? s->dims[k - 1] : 0;
-      for (; f < s->bounds[k + 1]; f++) {
-        int64_t src = c0 + f - s->bounds[k], o = (f / 8) * bp * 8 + f % 8;
-        int ok = i < s->b && src < s->dims[k];
-        xr[o] = ok ? J->x[i * s->d + src] : 0.0f;
-        yr[o] = ok ? J->y[i * s->d + src] : 0.0f;
-      }
-    }
+    pack_slabs(J->x, s, i, J->xp + i * 8);
+    pack_slabs(J->y, s, i, J->yp + i * 8);
     int valid = i < s->b;
     J->rb[i] = valid ? 0.0f : -INFINITY;
     for (int64_t k = 0; k < m; k++) {
       int64_t o = k * bp + i, u = k * s->b + i;
-      J->ap[o] = valid ? J->a[u] : 0.0f;
+      /* exponents in base 2 (a, biases times log2 e), G times ln 2: so gd =
+       * G a c and gc come out exact, ga times ln 2 (undone in bwd_post) */
+      J->ap[o] = valid ? J->a[u] * LOG2E : 0.0f;
       J->cp[o] = valid ? J->c[u] : 0.0f;
       if (!J->two[k]) {
-        J->cb[o] = valid ? -J->shift[k] : -INFINITY;
+        J->cb[o] = valid ? -J->shift[k] * LOG2E : -INFINITY;
         J->wr[o] = valid ? J->gm[k] * expf(J->shift[k] - J->lse_r[u]) : 0.0f;
         J->wc[o] = valid ? J->gm[k] * expf(J->shift[k] - J->lse_c[u]) : 0.0f;
       } else {
-        J->cb[o] = valid ? -J->lse_c[u] : -INFINITY;
-        J->wr[o] = valid ? -J->lse_r[u] : -INFINITY;
+        J->cb[o] = valid ? -J->lse_c[u] * LOG2E : -INFINITY;
+        J->wr[o] = valid ? -J->lse_r[u] * LOG2E : -INFINITY;
         J->wc[o] = 0.0f;
       }
     }
@@ -817,7 +936,7 @@ static void bwd_run(void *p, int t, int n) {
   BwdJob *J = p;
   int64_t lo, hi;
   share(J->s->bp, ROWS, t, n, &lo, &hi);
-  float *scr = J->scratch + (int64_t)t * J->s->m * (96 + PR * PC);
+  float *scr = J->scratch + (int64_t)t * PR * PC;
 #ifdef HAVE_AVX2_VERSION
   if (J->avx2) {
     bwd_avx2(&J->B, lo, hi, J->dxp, J->dyp[t], J->gap, J->gcp[t], scr);
@@ -835,21 +954,25 @@ static void bwd_post(void *p, int t, int n) {
   share(bp, ROWS, t, n, &lo, &hi);
   if (hi > s->b) hi = s->b;
   for (int64_t i = lo; i < hi; i++) {
-    for (int64_t k = 0; k < m; k++) {
+    for (int64_t k = 0; k < m; k++) { /* out of the slabs, 8 features at a time */
       int32_t c0 = k ? s->dims[k - 1] : 0, w = s->dims[k] - c0;
       float *dst = J->dx + i * s->d + c0, *dst_y = J->dy + i * s->d + c0;
-      for (int32_t f = 0; f < w; f++) {
-        int64_t pf = s->bounds[k] + f, o = (pf / 8) * bp * 8 + i * 8 + pf % 8;
-        dst[f] = J->dxp[o];
-        float v = 0.0f;
-        for (int64_t u = 0; u < nt; u++) v += J->dyp[u][o];
-        dst_y[f] = v;
+      for (int32_t j = 0; j < w; j += 8) {
+        int64_t o = (s->bounds[k] + j) / 8 * bp * 8 + i * 8;
+        float vx[8], vy[8] = {0};
+        memcpy(vx, J->dxp + o, sizeof(vx));
+        for (int64_t u = 0; u < nt; u++)
+          for (int q = 0; q < 8; q++) vy[q] += J->dyp[u][o + q];
+        int nf = w - j < 8 ? w - j : 8;
+        memcpy(dst + j, vx, sizeof(float) * nf);
+        memcpy(dst_y + j, vy, sizeof(float) * nf);
       }
     }
     for (int64_t f = s->dims[m - 1]; f < s->d; f++) J->dx[i * s->d + f] = J->dy[i * s->d + f] = 0.0f;
     for (int64_t k = 0; k < m; k++) {
       const float *gp = J->gap + (k * bp + i) * 8;
-      J->ga[k * s->b + i] = ((gp[0] + gp[1]) + (gp[2] + gp[3])) + ((gp[4] + gp[5]) + (gp[6] + gp[7]));
+      J->ga[k * s->b + i] =
+          (((gp[0] + gp[1]) + (gp[2] + gp[3])) + ((gp[4] + gp[5]) + (gp[6] + gp[7]))) * LOG2E;
       float v = 0.0f;
       for (int64_t u = 0; u < nt; u++) v += J->gcp[u][k * bp + i];
       J->gc[k * s->b + i] = v;
@@ -874,11 +997,12 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift, J.lse_r = lse_r, J.lse_c = lse_c;
   J.two = two, J.dx = dx, J.dy = dy, J.ga = ga, J.gc = gc;
   size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + bp + m +
-                (size_t)m * bp * 8 + (size_t)n * m * (96 + PR * PC);
-  float *buf = aligned_alloc(64, (nbuf * sizeof(float) + 63) / 64 * 64);
+                (size_t)m * bp * 8 + (size_t)n * PR * PC;
+  Block blk = scratch_take((int64_t)(nbuf * sizeof(float)));
+  float *buf = blk.p;
   float **dyp = malloc(sizeof(float *) * n), **gcp = malloc(sizeof(float *) * n);
   if (buf == NULL || dyp == NULL || gcp == NULL) {
-    free(buf), free(dyp), free(gcp), free(s.bounds);
+    scratch_give(blk), free(dyp), free(gcp), free(s.bounds);
     return -1;
   }
   float *q = buf;
@@ -897,14 +1021,14 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   J.gap = q, q += m * bp * 8;
   J.scratch = q;
   J.dyp = dyp, J.gcp = gcp;
-  for (int64_t k = 0; k < m; k++) J.gm[k] = g[k] * (0.5f / (float)b);
+  for (int64_t k = 0; k < m; k++) J.gm[k] = g[k] * (0.5f / (float)b) * LN2;
   J.B = (Bwd){bp, dp, m, s.bounds, J.xp, J.yp, J.ap, J.cp, J.cb, J.rb, J.wr, J.wc,
               two, J.gm, dots};
   J.avx2 = mrl_contrastive_uses_avx2();
   parallel(n, bwd_prep, &J);
   parallel(n, bwd_run, &J);
   parallel(n, bwd_post, &J);
-  free(buf);
+  scratch_give(blk);
   free(dyp);
   free(gcp);
   free(s.bounds);
@@ -1243,7 +1367,7 @@ static int ffi_shape(const XLA_FFI_Buffer *buf, int64_t n0, int64_t n1) {
  * longer matches (another forward ran in between: two losses in one program,
  * several devices, a scan) or that got no stored dots (above the limit)
  * recomputes them first, so results never depend on the cache. */
-static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER; /* held through a call using it */
 static float *ws_data = NULL;
 static int64_t ws_cap = 0, ws_limit = (int64_t)2 << 30;
 static uint32_t ws_gen = 0, ws_next = 0; /* 0: holds nothing */
@@ -1260,31 +1384,36 @@ static float *ws_reserve_locked(int64_t bytes) {
   if (bytes > ws_limit) return NULL;
   if (ws_cap >= bytes) return ws_data;
   ws_free_locked();
-  int64_t cap = (bytes + ((int64_t)1 << 21) - 1) & ~(((int64_t)1 << 21) - 1);
-  void *p = mmap(NULL, (size_t)cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return NULL;
-#ifdef MADV_HUGEPAGE
-  madvise(p, (size_t)cap, MADV_HUGEPAGE);
-#endif
+  int64_t cap = bytes;
+  void *p = map_bytes(&cap);
+  if (p == NULL) return NULL;
   ws_data = p;
   ws_cap = cap;
   return ws_data;
 }
 
-/* The most bytes the cache may hold (default 2 GiB; 0: never store, every
- * backward recomputes the dots); a smaller limit frees a larger buffer. */
+/* The most bytes the stored dots' buffer may take, and separately the
+ * cached scratch (default 2 GiB; 0: never store, every backward recomputes
+ * the dots, and no scratch is kept); a smaller limit frees what is above. */
 void mrl_contrastive_set_workspace_limit(int64_t bytes) {
   pthread_mutex_lock(&ws_lock);
   ws_limit = bytes > 0 ? bytes : 0;
   if (ws_cap > ws_limit) ws_free_locked();
   pthread_mutex_unlock(&ws_lock);
+  pthread_mutex_lock(&scratch_lock);
+  scratch_limit = bytes > 0 ? bytes : 0;
+  scratch_trim_locked();
+  pthread_mutex_unlock(&scratch_lock);
 }
 
-/* Bytes the cache holds now. */
+/* Bytes held between calls now: the stored dots' buffer and the scratch. */
 int64_t mrl_contrastive_workspace_bytes(void) {
   pthread_mutex_lock(&ws_lock);
   int64_t v = ws_cap;
   pthread_mutex_unlock(&ws_lock);
+  pthread_mutex_lock(&scratch_lock);
+  v += scratch_cached_locked();
+  pthread_mutex_unlock(&scratch_lock);
   return v;
 }
 

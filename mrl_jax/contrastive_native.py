@@ -25,7 +25,9 @@ per call costs its page faults every step), capped by
 new generation number that its backward call checks: a backward whose dots
 were overwritten in between (two native losses in one step, several
 devices) or never kept (above the cap) recomputes them, which costs one
-more B x B x d pass and changes no result.
+more B x B x d pass and changes no result. The passes' scratch (the padded
+inputs and gradient partials, ~25 MB at B = 1024) is kept between calls
+too, under the same cap.
 
 For training on one CPU device: a batch sharded over several devices is
 gathered to each of them for the call. The library is compiled with the
@@ -99,13 +101,14 @@ def set_workspace_limit(num_bytes: int) -> None:
 
   Default 2 GiB (B^2 M floats: 470 MB at B = 4096 and M = 7). 0 keeps none:
   every backward pass then recomputes the dots (one more B x B x d pass).
-  A smaller limit than the buffer held frees it now.
+  The same limit caps, separately, the scratch kept between calls (0: none,
+  each call maps its own). A smaller limit than what is held frees it now.
   """
   check_available().mrl_contrastive_set_workspace_limit(int(num_bytes))
 
 
 def workspace_bytes() -> int:
-  """Bytes held for the stored dots now."""
+  """Bytes held between calls now: the stored dots and the cached scratch."""
   return int(check_available().mrl_contrastive_workspace_bytes())
 
 
