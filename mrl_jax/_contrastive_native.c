@@ -320,19 +320,20 @@ INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, int64_t m, float *gap
   for (int v = 0; v < 3; v++) store8(cp + 8 * v, load8(cp + 8 * v) + gcv[v]);
 }
 
-/* out[r][f] += sum_k p(r, k) v[k][f] for 6 rows r, k < nk and the 16
- * features [f, f + 16) (w16) or 8: p(r, k) = p[r * rs + k * ks]. v and out
- * are in the slab layout of the backward's features, [dp / 8][bp][8]: they
- * point at row 0 of f's slab, the next 8 features are `slab` floats on. */
+/* out[r][f] += sum_k p(r, k) v[k][f] (init: = instead of +=) for 6 rows r,
+ * k < nk and the 16 features [f, f + 16) (w16) or 8: p(r, k) = p[r * rs + k
+ * * ks]. v and out are in the slab layout of the backward's features, [dp /
+ * 8][bp][8]: they point at row 0 of f's slab, the next 8 features are `slab`
+ * floats on. */
 INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const float *v,
-                  float *out, int64_t slab, int w16) {
+                  float *out, int64_t slab, int w16, int init) {
 #define DECL(q) v8f S##q##0, S##q##1;
   FOR_ROWS(DECL)
 #undef DECL
   if (w16) {
     const float *v1 = v + slab;
     float *o1 = out + slab;
-#define LOAD(q) S##q##0 = load8(out + q * 8); S##q##1 = load8(o1 + q * 8);
+#define LOAD(q) S##q##0 = init ? (v8f){0} : load8(out + q * 8); S##q##1 = init ? (v8f){0} : load8(o1 + q * 8);
     FOR_ROWS(LOAD)
 #undef LOAD
 #pragma GCC unroll 4
@@ -347,7 +348,7 @@ INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const floa
     FOR_ROWS(STORE)
 #undef STORE
   } else {
-#define LOAD(q) S##q##0 = load8(out + q * 8);
+#define LOAD(q) S##q##0 = init ? (v8f){0} : load8(out + q * 8);
     FOR_ROWS(LOAD)
 #undef LOAD
 #pragma GCC unroll 4
@@ -366,9 +367,10 @@ INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const floa
 
 /* x rows [r_begin, r_end) (multiples of 24) against every y row, by
  * panels of PR x PC; in each, the prefixes from the last: h_m of every tile,
- * then chunk m's two products with it. dx: rows of this call, accumulated
- * into; gap [m][bp][8] lane partials of ga, rows of this call; dyp [bp][dp],
- * gcp [m][bp]: this call's zeroed partials; scratch: the PR * PC panel. */
+ * then chunk m's two products with it. dx: rows of this call, written;
+ * gap [m][bp][8] lane partials of ga, rows of this call, accumulated into;
+ * dyp [dp/8][bp][8]: this call's partial, written; gcp [m][bp]: this call's
+ * zeroed partial; scratch: the PR * PC panel. */
 INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, float *dyp,
                      float *gap, float *gcp, float *scratch) {
   const int64_t bp = B->bp, M = B->m, slab = bp * 8;
@@ -386,12 +388,14 @@ INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, fl
         for (int64_t f = lo; f < hi; f += 16) {
           int w16 = f + 16 <= hi;
           int64_t fs = (f / 8) * slab; /* f's slab */
-          /* dx_i[f] += sum_j h_ij y_j[f] */
+          /* dx_i[f] += sum_j h_ij y_j[f] (the first column panel sets it) */
           for (int64_t r = 0; r < nr; r += 6)
-            gemm6(h + r * PC, PC, 1, nc, B->y + fs + c0 * 8, dx + fs + (r0 + r) * 8, slab, w16);
-          /* dy_j[f] += sum_i h_ij x_i[f] */
+            gemm6(h + r * PC, PC, 1, nc, B->y + fs + c0 * 8, dx + fs + (r0 + r) * 8, slab, w16,
+                  c0 == 0);
+          /* dy_j[f] += sum_i h_ij x_i[f] (this call's first row panel sets it) */
           for (int64_t r = 0; r < nc; r += 6)
-            gemm6(h + r, 1, PC, nr, B->x + fs + r0 * 8, dyp + fs + (c0 + r) * 8, slab, w16);
+            gemm6(h + r, 1, PC, nr, B->x + fs + r0 * 8, dyp + fs + (c0 + r) * 8, slab, w16,
+                  r0 == r_begin);
         }
       }
     }
@@ -924,11 +928,9 @@ static void bwd_prep(void *p, int t, int n) {
       }
     }
   }
-  /* this thread's zeroed partials */
-  memset(J->dyp[t], 0, sizeof(float) * bp * s->dp);
+  /* this share's zeroed partials (dx and its dy partial are set, not added
+   * to, by the first products into them) */
   memset(J->gcp[t], 0, sizeof(float) * m * bp);
-  for (int64_t f = 0; f < s->dp; f += 8)
-    memset(J->dxp + f * bp + lo * 8, 0, sizeof(float) * (hi - lo) * 8);
   for (int64_t k = 0; k < m; k++) memset(J->gap + (k * bp + lo) * 8, 0, sizeof(float) * (hi - lo) * 8);
 }
 
