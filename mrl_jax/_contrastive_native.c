@@ -899,6 +899,10 @@ typedef struct {
   float *dx, *dy, *ga, *gc;
   Bwd B;
   int avx2;
+  /* Optional: called for each row i as soon as its dx, dy, ga, gc are out
+   * (by share t), while they are in cache. */
+  void (*row_done)(void *ctx, int64_t i, int t);
+  void *row_ctx;
 } BwdJob;
 
 static void bwd_prep(void *p, int t, int n) {
@@ -979,16 +983,18 @@ static void bwd_post(void *p, int t, int n) {
       for (int64_t u = 0; u < nt; u++) v += J->gcp[u][k * bp + i];
       J->gc[k * s->b + i] = v;
     }
+    if (J->row_done != NULL) J->row_done(J->row_ctx, i, t);
   }
 }
 
 /* The cotangents of x, y, a, c for the loss sum_m g_m 0.5 (mean_i lse_r_i
  * + mean_j lse_c_j), given the forward's outputs. 0, or -1 out of memory. */
-int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t d,
-                             const int32_t *dims, int64_t m, const float *a, const float *c,
-                             const float *shift, const float *lse_r, const float *lse_c,
-                             const int32_t *two, const float *g, const float *dots, float *dx,
-                             float *dy, float *ga, float *gc) {
+static int backward_rows(const float *x, const float *y, int64_t b, int64_t d,
+                         const int32_t *dims, int64_t m, const float *a, const float *c,
+                         const float *shift, const float *lse_r, const float *lse_c,
+                         const int32_t *two, const float *g, const float *dots, float *dx,
+                         float *dy, float *ga, float *gc,
+                         void (*row_done)(void *ctx, int64_t i, int t), void *row_ctx) {
   Shape s;
   if (make_shape(&s, b, d, m, dims)) return -1;
   int n = num_threads();
@@ -998,6 +1004,7 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   J.s = &s;
   J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift, J.lse_r = lse_r, J.lse_c = lse_c;
   J.two = two, J.dx = dx, J.dy = dy, J.ga = ga, J.gc = gc;
+  J.row_done = row_done, J.row_ctx = row_ctx;
   size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + bp + m +
                 (size_t)m * bp * 8 + (size_t)n * PR * PC;
   Block blk = scratch_take((int64_t)(nbuf * sizeof(float)));
@@ -1037,6 +1044,15 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
   return 0;
 }
 
+int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t d,
+                             const int32_t *dims, int64_t m, const float *a, const float *c,
+                             const float *shift, const float *lse_r, const float *lse_c,
+                             const int32_t *two, const float *g, const float *dots, float *dx,
+                             float *dy, float *ga, float *gc) {
+  return backward_rows(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, g, dots, dx, dy, ga,
+                       gc, NULL, NULL);
+}
+
 /* ---------------------------------------------------------------------- */
 /* The whole loss: prefix norms, diagonal and label-smoothing terms too.  */
 /* ---------------------------------------------------------------------- */
@@ -1045,7 +1061,8 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
 
 /* Per prefix and row: a = inv_tau / |x[:m]|, c = 1 / |y[:m]|, the diagonal
  * dots <x_i[:m], y_i[:m]>, and shift_m = max(max_i diag logit, inv_tau -
- * 70). All [m][b]; squared norms summed in double, chunk by chunk. */
+ * 70). All [m][b]; within a chunk the squares and products are summed in
+ * 8 float lanes, the chunks' sums in double. */
 typedef struct {
   const float *x, *y, *inv_tau;
   const int32_t *dims;
@@ -1061,6 +1078,14 @@ static void norms_run(void *p, int t, int n) {
     double sx = 0, sy = 0, sxy = 0;
     int32_t f = 0;
     for (int64_t k = 0; k < N->m; k++) {
+      v8f vx = {0}, vy = {0}, vxy = {0};
+      for (; f + 8 <= N->dims[k]; f += 8) {
+        v8f a = load8(xi + f), c = load8(yi + f);
+        vx += a * a;
+        vy += c * c;
+        vxy += a * c;
+      }
+      for (int q = 0; q < 8; q++) sx += vx[q], sy += vy[q], sxy += vxy[q];
       for (; f < N->dims[k]; f++) {
         sx += (double)xi[f] * xi[f];
         sy += (double)yi[f] * yi[f];
@@ -1179,16 +1204,17 @@ typedef struct {
   double *dt; /* [n][m] partials of the inverse temperatures' cotangents */
 } Tail;
 
-/* Rows of thread t: the diagonal and label-smoothing terms' cotangents,
+/* Row i, by share t: the diagonal and label-smoothing terms' cotangents,
  * then the norms' (a_i = inv_tau rx_i, c_j = ry_j), added to dx, dy, and
- * each inverse temperature's, sum_i ga_i a_i / inv_tau. */
-static void tail_run(void *p, int t, int n) {
+ * each inverse temperature's, sum_i ga_i a_i / inv_tau (share t's partial).
+ * Called by the backward's last pass as each row's dx, dy, ga, gc are out. */
+static void tail_row(void *p, int64_t i, int t) {
   Tail *T = p;
   const Stats *S = T->S;
-  int64_t b = T->b, d = T->d, m = T->m, lo = b * t / n, hi = b * (t + 1) / n;
+  int64_t b = T->b, d = T->d, m = T->m;
   double *dt = T->dt + (int64_t)t * m;
   double bx[MAX_PREFIXES], by[MAX_PREFIXES];
-  for (int64_t i = lo; i < hi; i++) {
+  {
     const float *xi = T->x + i * d, *yi = T->y + i * d;
     float *dxi = T->dx + i * d, *dyi = T->dy + i * d;
     /* Per prefix: coefficients of x_i, y_i in dx_i and of y_i, x_i in dy_i. */
@@ -1248,9 +1274,7 @@ int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int
   Stats S;
   if (stats_make(x, y, b, d, dims, m, inv_tau, eps, &S)) return -1;
   float *own = NULL, *ga = malloc(sizeof(float) * 2 * m * b);
-  int n = num_threads();
-  if (n > b / 64) n = b / 64 > 0 ? (int)(b / 64) : 1;
-  double *dt = calloc((size_t)n * m, sizeof(double));
+  double *dt = calloc((size_t)MAX_THREADS * m, sizeof(double)); /* per backward share */
   int rc = ga != NULL && dt != NULL ? 0 : -1;
   if (rc == 0 && dots == NULL) { /* recompute them (the same kernel: the same bits) */
     int64_t bytes = mrl_contrastive_dots_size(b, m);
@@ -1263,15 +1287,14 @@ int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int
     free(tmp);
     dots = own;
   }
+  Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt};
   if (rc == 0)
-    rc = mrl_contrastive_backward(x, y, b, d, dims, m, S.a, S.c, S.shift, lse_r, lse_c, two, g,
-                                  dots, dx, dy, ga, ga + m * b);
+    rc = backward_rows(x, y, b, d, dims, m, S.a, S.c, S.shift, lse_r, lse_c, two, g, dots, dx,
+                       dy, ga, ga + m * b, tail_row, &T);
   if (rc == 0) {
-    Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt};
-    parallel(n, tail_run, &T);
     for (int64_t k = 0; k < m; k++) {
       double v = 0;
-      for (int u = 0; u < n; u++) v += dt[u * m + k];
+      for (int u = 0; u < MAX_THREADS; u++) v += dt[u * m + k];
       d_inv_tau[k] = (float)v;
     }
   }
