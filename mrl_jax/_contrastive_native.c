@@ -55,6 +55,7 @@
 #define TI 4    /* x rows per register tile */
 #define TJ 24   /* y rows per register tile (3 vectors) */
 #define ROWS 24 /* the batch is padded to a multiple of this (of TI, TJ and 6) */
+#define UNIT 12 /* threads share the x rows in multiples of this (of TI and 6) */
 #define GROUP 32 /* x tiles per forward group (their rows stay in L2) */
 #define RUN 4    /* y blocks per forward run */
 #define KC 160   /* forward feature blocks: chunks merged up to >= KC ... */
@@ -365,7 +366,7 @@ INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const floa
   }
 }
 
-/* x rows [r_begin, r_end) (multiples of 24) against every y row, by
+/* x rows [r_begin, r_end) (multiples of UNIT) against every y row, by
  * panels of PR x PC; in each, the prefixes from the last: h_m of every tile,
  * then chunk m's two products with it. dx: rows of this call, written;
  * gap [m][bp][8] lane partials of ga, rows of this call, accumulated into;
@@ -768,9 +769,10 @@ static void fwd_prep(void *p, int t, int n) {
   FwdJob *J = p;
   const Shape *s = J->s;
   int64_t lo, hi;
-  share(s->bp, ROWS, t, n, &lo, &hi);
-  for (int64_t i = lo; i < hi; i += TI) pack_rows(J->x, s, i, TI, J->xk + i * s->dp); /* by tiles */
-  for (int64_t i = lo; i < hi; i += TJ) pack_rows(J->y, s, i, TJ, J->yk + i * s->dp); /* by blocks */
+  share(s->bp, ROWS, t, n, &lo, &hi); /* y by blocks */
+  for (int64_t i = lo; i < hi; i += TJ) pack_rows(J->y, s, i, TJ, J->yk + i * s->dp);
+  share(s->bp, UNIT, t, n, &lo, &hi); /* x by tiles, this share's */
+  for (int64_t i = lo; i < hi; i += TI) pack_rows(J->x, s, i, TI, J->xk + i * s->dp);
   for (int64_t i = lo; i < hi; i++) {
     J->rb[i] = i < s->b ? 0.0f : -INFINITY;
     for (int64_t k = 0; k < s->m; k++) {
@@ -784,7 +786,7 @@ static void fwd_prep(void *p, int t, int n) {
 static void fwd_run(void *p, int t, int n) {
   FwdJob *J = p;
   int64_t lo, hi;
-  share(J->s->bp, ROWS, t, n, &lo, &hi);
+  share(J->s->bp, UNIT, t, n, &lo, &hi);
   float *st = J->st + (int64_t)t * GROUP * RUN * 96;
 #ifdef HAVE_AVX2_VERSION
   if (J->avx2) {
@@ -806,7 +808,7 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
   Shape s;
   if (make_shape(&s, b, d, m, dims)) return -1;
   int n = num_threads();
-  if (n > s.bp / ROWS) n = (int)(s.bp / ROWS);
+  if (n > s.bp / UNIT) n = (int)(s.bp / UNIT);
   FwdJob J = {0};
   J.s = &s;
   J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift;
@@ -909,7 +911,7 @@ static void bwd_prep(void *p, int t, int n) {
   BwdJob *J = p;
   const Shape *s = J->s;
   int64_t lo, hi, m = s->m, bp = s->bp;
-  share(bp, ROWS, t, n, &lo, &hi);
+  share(bp, UNIT, t, n, &lo, &hi);
   for (int64_t i = lo; i < hi; i++) { /* x, y in slabs [dp/8][bp][8] */
     pack_slabs(J->x, s, i, J->xp + i * 8);
     pack_slabs(J->y, s, i, J->yp + i * 8);
@@ -941,7 +943,7 @@ static void bwd_prep(void *p, int t, int n) {
 static void bwd_run(void *p, int t, int n) {
   BwdJob *J = p;
   int64_t lo, hi;
-  share(J->s->bp, ROWS, t, n, &lo, &hi);
+  share(J->s->bp, UNIT, t, n, &lo, &hi);
   float *scr = J->scratch + (int64_t)t * PR * PC;
 #ifdef HAVE_AVX2_VERSION
   if (J->avx2) {
@@ -957,7 +959,7 @@ static void bwd_post(void *p, int t, int n) {
   BwdJob *J = p;
   const Shape *s = J->s;
   int64_t lo, hi, nt = n, bp = s->bp, m = s->m;
-  share(bp, ROWS, t, n, &lo, &hi);
+  share(bp, UNIT, t, n, &lo, &hi);
   if (hi > s->b) hi = s->b;
   for (int64_t i = lo; i < hi; i++) {
     for (int64_t k = 0; k < m; k++) { /* out of the slabs, 8 features at a time */
@@ -998,7 +1000,7 @@ static int backward_rows(const float *x, const float *y, int64_t b, int64_t d,
   Shape s;
   if (make_shape(&s, b, d, m, dims)) return -1;
   int n = num_threads();
-  if (n > s.bp / ROWS) n = (int)(s.bp / ROWS);
+  if (n > s.bp / UNIT) n = (int)(s.bp / UNIT);
   int64_t bp = s.bp, dp = s.dp;
   BwdJob J = {0};
   J.s = &s;
