@@ -18,9 +18,11 @@ towers) of the jitted losses on the same inputs:
 and prints each time and its ratio to `full`; `nesting` is native's time
 over the native kernel's own single full-dim loss (`impl='native'` with
 dims [768], timed too), the cost of the 7 prefixes within one
-implementation. Timings are medians over --reps runs after one warm-up
-run; the variants are run in turn within each rep, so load from other
-processes hits them alike.
+implementation. Times are medians over --reps runs after one warm-up run.
+The variants run in turn within each rep (full, native, native1, chunked,
+naive), and each ratio is the median over the reps of the two variants'
+ratio within the rep: on a shared machine whose speed drifts over seconds,
+a paired ratio cancels the drift that a ratio of two medians keeps.
 
 Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
 single figures move by 10-25 % from run to run. Three runs of
@@ -105,7 +107,7 @@ _KINDS = flags.DEFINE_list('kinds', list(mrl.CONTRASTIVE_KINDS),
                            'Loss kinds to time.')
 _DIM = flags.DEFINE_integer('dim', 768, 'Embedding size d.')
 _START = flags.DEFINE_integer('start', 12, 'Smallest nesting dim (doubling).')
-_REPS = flags.DEFINE_integer('reps', 5, 'Timed runs per variant (median).')
+_REPS = flags.DEFINE_integer('reps', 9, 'Timed runs per variant (median).')
 
 # CLIP's initial temperature; SigLIP's t = 10 and b = -10.
 _LOSS_KWARGS = {'softmax': dict(temperature=0.07),
@@ -120,18 +122,20 @@ def _variants(kind, dims):
   def naive(x, y):
     return sum(mrl.contrastive(x[:, :m], y[:, :m], [m], **kw) for m in dims)
 
-  fns = {'full': lambda x, y: mrl.contrastive(x, y, [d], **kw),
-         'chunked': lambda x, y: mrl.contrastive(x, y, dims, **kw),
-         'naive': naive}
+  # In the order they run within each rep: each ratio's two variants next
+  # to each other where they can be.
+  fns = {'full': lambda x, y: mrl.contrastive(x, y, [d], **kw)}
   if kind == 'softmax' and contrastive_native.available():
     fns['native'] = lambda x, y: mrl.contrastive(x, y, dims, **kw, impl='native')
     fns['native1'] = lambda x, y: mrl.contrastive(x, y, [d], **kw, impl='native')
+  fns['chunked'] = lambda x, y: mrl.contrastive(x, y, dims, **kw)
+  fns['naive'] = naive
   return {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
           for name, fn in fns.items()}
 
 
 def _time(fns, x, y, reps):
-  """Median seconds per call of each fn; variants interleaved per rep."""
+  """Seconds per call of each fn, per rep; the variants run in turn each rep."""
   for fn in fns.values():  # Compile and warm up.
     jax.block_until_ready(fn(x, y))
   times = {name: [] for name in fns}
@@ -140,7 +144,12 @@ def _time(fns, x, y, reps):
       start = time.perf_counter()
       jax.block_until_ready(fn(x, y))
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
+
+
+def _ratio(times, a, b):
+  """Median over reps of a's time / b's in the same rep (paired ratios)."""
+  return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
 
 def main(argv):
@@ -150,7 +159,8 @@ def main(argv):
   device = jax.devices()[0]
   print(f'device: {device.platform} ({device.device_kind}), '
         f'{len(jax.devices())} device(s); d={d}, nesting_dims={dims}; '
-        f'value_and_grad wrt x and y, median of {_REPS.value} reps')
+        f'value_and_grad wrt x and y; ms: median of {_REPS.value} reps, '
+        f'ratios: median of the reps\' paired ratios')
   print(f'{"kind":8s} {"B":>5s} {"full ms":>9s} {"chunked ms":>11s} '
         f'{"ratio":>6s} {"native ms":>10s} {"ratio":>6s} {"nesting":>8s} '
         f'{"naive ms":>9s} {"ratio":>6s}')
@@ -160,13 +170,14 @@ def main(argv):
     for b in (int(v) for v in _BATCH_SIZES.value):
       x = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
       y = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
-      t = _time(fns, x, y, _REPS.value)
-      native = (f'{1e3 * t["native"]:10.1f} {t["native"] / t["full"]:6.2f} '
-                f'{t["native"] / t["native1"]:8.2f}'
+      times = _time(fns, x, y, _REPS.value)
+      t = {name: statistics.median(v) for name, v in times.items()}
+      native = (f'{1e3 * t["native"]:10.1f} {_ratio(times, "native", "full"):6.2f} '
+                f'{_ratio(times, "native", "native1"):8.2f}'
                 if 'native' in t else f'{"-":>10s} {"-":>6s} {"-":>8s}')
       print(f'{kind:8s} {b:5d} {1e3 * t["full"]:9.1f} '
-            f'{1e3 * t["chunked"]:11.1f} {t["chunked"] / t["full"]:6.2f} {native} '
-            f'{1e3 * t["naive"]:9.1f} {t["naive"] / t["full"]:6.2f}',
+            f'{1e3 * t["chunked"]:11.1f} {_ratio(times, "chunked", "full"):6.2f} {native} '
+            f'{1e3 * t["naive"]:9.1f} {_ratio(times, "naive", "full"):6.2f}',
             flush=True)
 
 
