@@ -155,6 +155,24 @@ def test_dots_recomputed_when_not_kept_or_overwritten():
   assert contrastive_native.workspace_bytes() >= 48 * 48 * 3 * 4
 
 
+def test_scratch_kept_between_calls_and_reused_across_shapes():
+  """The passes' scratch comes from blocks cached across calls: a block left
+  by a larger call holds stale values that no result may depend on."""
+  dims = [8, 24, 48]
+  t = jnp.float32(0.1)
+  with _settings(limit=0):  # nothing kept between calls
+    _value_and_grads("native", *_pair(30, 48, seed=11), dims, t)
+    assert contrastive_native.workspace_bytes() == 0
+  for b, seed in [(150, 12), (30, 13), (150, 14), (61, 15)]:
+    x, y = _pair(b, 48, seed=seed)
+    _assert_close(_value_and_grads("native", x, y, dims, t),
+                  _value_and_grads("xla", x, y, dims, t), rtol=1e-5)
+  held = contrastive_native.workspace_bytes()
+  assert held > 168 * 168 * 3 * 4  # more than the stored dots alone
+  with _settings(limit=1):  # a lower limit frees what is above it now
+    assert contrastive_native.workspace_bytes() == 0
+
+
 def test_bfloat16_inputs_and_per_dim_losses():
   x, y = _pair(40, 16, seed=7)
   xb, yb = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
