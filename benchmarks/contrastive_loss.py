@@ -25,28 +25,27 @@ ratio within the rep: on a shared machine whose speed drifts over seconds,
 a paired ratio cancels the drift that a ratio of two medians keeps.
 
 Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
-single figures move by 10-25 % from run to run. Three runs of
-`--reps=5 --kinds=softmax` with the final code, native / full (chunked /
+single timings move by 10-25 % from run to run and more in slow phases
+(XLA's full-dim loss took 30-58 ms at B = 1024 within one hour). Three runs
+of `--kinds=softmax` (9 reps) with the final code, native / full (chunked /
 full; native's nesting column):
 
-  B = 1024:  1.58, 1.28, 1.46   (chunked 2.11, 1.98, 1.94; nesting 1.32, 1.38, 1.58)
-  B = 4096:  1.25, 1.10, 1.18   (chunked 2.06, 1.90, 2.05; nesting 1.55, 1.37, 1.43)
+  B = 1024:  1.14, 1.16, 1.13   (chunked 1.86, 2.09, 2.12; nesting 1.27, 1.31, 1.17)
+  B = 4096:  0.93, 0.92, 0.90   (chunked 1.78, 1.75, 1.82; nesting 1.28, 1.27, 1.20)
 
-naive / full 2.5-3.6 in the same runs. Eight earlier runs of the same
-kernel before its threads moved onto XLA's pool gave 1.05-1.58 at B = 1024
-and 1.11-1.31 at B = 4096. Earlier runs of the whole benchmark (before the
-native kernel) gave chunked / full 1.5-2.2 for softmax and 1.5-2.1 for
-sigmoid, naive 2.5-3.5. So on this CPU the native loss meets <= 1.3 at B =
-4096 and not reliably at B = 1024, where XLA's single full-dim loss runs at
-~145 GFLOP/s effective (~75 % of the two cores' FMA peak) and the native
-kernel's own single-prefix loss takes about as long: what is left is the
-cost of the prefixes themselves (below).
+naive / full 2.5-3.1 in the same runs. At B = 4096 XLA's single full-dim
+loss maps ~270 MB of fresh temporaries per call (67k page faults) and
+takes its B x B passes through memory; the native kernel's own single
+full-dim loss takes ~0.75x its time there, so all 7 prefixes come in under
+it. The previous version of the kernel (ratio of medians, 5 reps) gave
+1.24-1.58 at B = 1024 and 1.10-1.25 at B = 4096; the changes since are
+listed below.
 
-Smaller batches (one run each, --reps=9): at d = 768, B = 128 / 256 / 512,
-native 3.5 / 7.9 / 13.4 ms against XLA's chunked 2.7 / 6.8 / 12.7 (the
-native call's fixed costs); at d = 64 with the Fashion-MNIST demo's 6
-prefixes (--dim=64 --start=2), B = 256: 2.6 against 2.8 ms, B = 1024: 20.4
-against 39.7.
+Smaller batches (one run each, d = 768), native against XLA's chunked form:
+B = 128: 2.6 / 4.3 ms against 4.0 / 3.4 (two runs), B = 256: 5.0 / 6.2
+against 5.9 / 6.4, B = 512: 18.1 / 12.7 against 22.2 / 16.5; at d = 64 with
+the Fashion-MNIST demo's 6 prefixes (--dim=64 --start=2), B = 256: 1.0
+against 1.7 ms, B = 1024: 11.0 against 35.1.
 
 Why XLA's chunked form costs ~2x on a CPU: its seven chunk matmuls (K = 12,
 12, 24, ... features) each write and re-read a B x B partial sum and do not
@@ -62,32 +61,54 @@ What the native kernel does instead (mrl_jax/_contrastive_native.c): a 4 x
 accumulators are the prefix-m dots and only that prefix's exps and sums are
 added on top of one full-dim pass; the forward stores every prefix's dots
 (B^2 M floats, in one buffer reused from call to call) so the backward does
-the two gradient products the full-dim loss does, over panels of the
-cumulative cotangent of each chunk, and no recompute of the dots; the
-norms, diagonal and label-smoothing terms are in C too, so the jitted step
-is two custom calls. On its own (2 threads, best of 30) the kernel takes
-~13 ms forward and ~26-29 ms backward at B = 1024, its matrix products at
-~75 % of the FMA peak; XLA's whole full-dim loss takes 33-43 ms there.
-What did not pay: recomputing the dots in the backward instead of storing
-them (4 B x B x d passes instead of 3: 1.7-2.3x); a fresh XLA output buffer
-for the stored dots per call (its page faults cost ~400 ms a step at B =
-4096: 1.5-2.0x); a host callback instead of the FFI custom calls (copies
-and padding per call: 1.9-2.8x); 6 x 16 tiles, which pad the batch to 48s
-(no faster than 4 x 24); other backward panel shapes (48-144 x rows by
-96-192 y rows: the same or slower); regular instead of streaming stores for
-the dots at B = 1024 (no change); a backward loop with fewer live vectors
-(no change).
+the two gradient products the full-dim loss does and no recompute of the
+dots: per panel of 96 x 192 logits, prefix by prefix from the last, it
+builds the chunk's cumulative cotangent in place and runs that chunk's two
+products on it at once (one L2-sized panel). The norms, diagonal and
+label-smoothing terms are in C too (their gradients row by row inside the
+backward's last pass), so the jitted step is two custom calls. On its own
+at B = 1024 (2 threads, lower quartile of 12 calls, measured before the
+last four changes below) the kernel took 0.7 + 11.9 ms forward (packing,
+tiles) and 1.2 + 21.6 + 1.3 ms backward (packing, panels, unpacking); with
+the one full-dim prefix, 9.0 and 18.6 ms for the tiles and panels, for the
+1.65 + 3.3 GFLOP of their products: ~180 GFLOP/s, ~90 % of the two cores'
+FMA peak (~190-197 GFLOP/s, a register-only FMA loop on both).
 
-Where the prefixes' cost goes: per logit and prefix, the forward scales,
-exponentiates, adds to two sums and stores the dot (~20 vector ops per 8
-logits) and the backward loads the dot, exponentiates again, forms G, the
-norm cotangents' sums and the cumulative cotangent (~27); for 7 prefixes
-that is ~330 ops per 8 logits, about as many instructions as the three
-d = 768 matrix products' ~290 FMAs. The products run at 2 FMAs a cycle and
-the elementwise work shares the FP ports, so in A/B runs of the kernel
-alone 7 prefixes cost 1.25-1.35x one (B = 1024), 1.3-1.6x inside the
-jitted step. Storing the exps instead of the dots would save the
-backward's exp but not the dots the norm gradients need.
+Where the prefixes' cost goes: per 8 logits and prefix the forward scales
+(2 ops), takes a base-2 exp (11: log2(e) is folded into the scales; a
+clamp at 2^-126 stands in for a mask) and adds to two sums; the backward
+loads the dot and exponentiates again, then forms G, the chunk's
+cotangent in place and the norm cotangents' sums (~20 ops). Measured, the
+6 smaller prefixes add 2.9 ms to the forward and 3.0 ms to the backward at
+B = 1024; a microbenchmark puts one tile's 12-vector epilogue at ~100
+cycles forward and ~150 backward, ~6 cycles per exp. Storing the exps
+instead of the dots would save the backward's exp but not the dots the
+norm gradients need.
+
+What paid, in this version (in-JAX interleaved A/B at B = 1024, the
+whole loss over XLA's full-dim one, three or four runs each): base-2 exps
+(11 vector ops, was 17) with the cumulative cotangent built in place
+(1.22-1.31 against 1.33-1.35 for the earlier kernel); the backward's
+prefixes on one panel, the scratch kept between calls (allocated per call
+it was page-faulted in every call: the backward's packing took 1.5-7.5 ms,
+then 1.3-1.6) and packing and unpacking 8 features at a time (1.20-1.33
+against 1.34-1.51, all together); products that set their outputs instead
+of zeroing them first (9.6 MB of memset: packing 1.5 -> 1.0 ms); the tail
+fused into the backward's last pass and the norms summed in float lanes
+(1.18-1.27 against 1.20-1.27); threads sharing rows in units of 12, so
+that B = 1024 splits evenly (1.18-1.27 against 1.20-1.30). What did not:
+recomputing the dots in the backward instead of storing them (4 B x B x d
+passes instead of 3: 1.7-2.3x); a fresh XLA output buffer for the stored
+dots per call (its page faults cost ~400 ms a step at B = 4096: 1.5-2.0x);
+a host callback instead of the FFI custom calls (copies and padding per
+call: 1.9-2.8x); 6 x 16 tiles, which pad the batch to 48s (no faster than
+4 x 24); other backward panel shapes (the same or slower); regular instead
+of streaming stores for the dots at B = 1024; 256-bit streaming stores and
+vmaxps in inline assembly; the 12 exps of a tile interleaved stage by stage
+(register spills: slower) or Estrin's scheme for the polynomial; deferring
+a block's exps until after its products (+1.2 ms: interleaved with the next
+chunk's products they overlap); software prefetch of the backward's dots
+(no change for any of the last five).
 """
 import statistics
 import time

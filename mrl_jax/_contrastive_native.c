@@ -16,22 +16,24 @@
  * full-dim pass; the chunk products never go through memory, as XLA's
  * per-chunk matmuls on a CPU must.
  *
- * Forward: e = exp(l - shift_m) is summed along rows and columns, lse =
- * shift + log(sum), and every prefix's dots are stored (tile-major, with
- * streaming stores) for the backward pass, which then does the 2 matrix
- * products the full-dim loss does and no third. shift_m >= max l - 70, so
+ * Forward: e = exp(l - shift_m) (taken as 2^z, log2(e) folded into the
+ * logit scales) is summed along rows and columns, lse = shift + log(sum),
+ * and every prefix's dots are stored (tile-major, in the order the backward
+ * reads them, with streaming stores) for the backward pass, which then does
+ * the 2 matrix products the full-dim loss does and no third. shift_m >= max l - 70, so
  * no e overflows; a prefix whose sums underflowed (< e^-60) gets exact
  * max-shifted log-sum-exps from the stored dots instead, and two exps per
  * logit in the backward (two[m] = 1).
  *
  * Backward: the cotangent of l_ij is G = gm (exp(l - lse_r_i) + exp(l -
  * lse_c_j)), gm = g_m / (2 B), the softmax halves of both directions. With
- * gd = G a_i c_j, panels of 96 x rows by 192 y rows hold
- *   h_c = sum_{m >= c} gd_m     (chunk c feeds every prefix from c on)
- * and then dx_i[chunk c] += sum_j h_c,ij y_j[chunk c] and dy_j[chunk c] +=
- * sum_i h_c,ij x_i[chunk c] run as register-tiled (6 x 16) matrix products
- * over the panel; ga_i = sum_j G dots c_j and gc_j = sum_i G dots a_i are
- * the cotangents of the logit scales.
+ * gd = G a_i c_j, a panel of 96 x rows by 192 y rows holds
+ *   h_c = sum_{m >= c} gd_m     (chunk c feeds every prefix from c on),
+ * built in place from the last prefix down; after each prefix c,
+ * dx_i[chunk c] += sum_j h_c,ij y_j[chunk c] and dy_j[chunk c] += sum_i
+ * h_c,ij x_i[chunk c] run on it as register-tiled (6 x 16) matrix products;
+ * ga_i = sum_j G dots c_j and gc_j = sum_i G dots a_i are the cotangents of
+ * the logit scales.
  *
  * The whole loss (mrl_contrastive_loss_forward / _backward) adds the O(B d)
  * parts: the prefix norms, the diagonal and label-smoothing terms, and the

@@ -499,9 +499,10 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       runs and shards. 'native' (kind='softmax', a build with the C
       extension, the CPU backend) runs the B x B part as one fused CPU
       kernel for all prefixes (`contrastive_native`, XLA FFI custom calls):
-      for training on a single CPU device, where at d = 768 and B >= 1024 it
-      costs 1.1-1.6x the one full-dim loss against ~2x for 'xla'; same
-      values and gradients to float32 rounding.
+      for training on a single CPU device, where at d = 768 it costs
+      1.13-1.16x XLA's one full-dim loss at B = 1024 and 0.90-0.93x at B =
+      4096, against 1.8-2.1x for 'xla' (benchmarks/contrastive_loss.py);
+      same values and gradients to float32 rounding.
 
   The batch is whatever x and y hold: under jit with x and y sharded along
   the batch, XLA inserts the collectives and every prefix's loss is over the
