@@ -10,8 +10,8 @@ towers) of the jitted losses on the same inputs:
   full    the single full-dim loss, `contrastive(x, y, [768])`: the baseline
   chunked all 7 prefixes in the chunked cumulative form, `contrastive(x, y,
           dims)`: one B x B x d matmul plus O(7 B^2) elementwise work
-  native  the same loss, `impl='native'` (softmax only, when the package was
-          built with its C extension): the chunked form fused in one CPU
+  native  the same loss, `impl='native'` (when the package was built with
+          its C extension): the chunked form fused in one CPU
           kernel, the prefix dots kept in registers (`contrastive_native`)
   naive   7 independent losses, one per truncated prefix: sum_m B^2 m FLOPs
 
@@ -26,14 +26,24 @@ a paired ratio cancels the drift that a ratio of two medians keeps.
 
 Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
 single timings move by 10-25 % from run to run and more in slow phases
-(XLA's full-dim loss took 30-58 ms at B = 1024 within one hour). Three runs
-of `--kinds=softmax` (9 reps) with the final code, native / full (chunked /
-full; native's nesting column):
+(XLA's full-dim loss took 30-58 ms at B = 1024 within one hour). Five runs
+of `--kinds=softmax` (9 reps) with the final softmax kernel, native / full
+(chunked / full; native's nesting column):
 
-  B = 1024:  1.14, 1.16, 1.13   (chunked 1.86, 2.09, 2.12; nesting 1.27, 1.31, 1.17)
-  B = 4096:  0.93, 0.92, 0.90   (chunked 1.78, 1.75, 1.82; nesting 1.28, 1.27, 1.20)
+  B = 1024:  1.14, 1.16, 1.13, 1.16, 1.18   (chunked 1.86-2.12; nesting 1.17-1.31)
+  B = 4096:  0.93, 0.92, 0.90, 0.94, 0.90   (chunked 1.72-1.85; nesting 1.20-1.28)
 
-naive / full 2.5-3.1 in the same runs. At B = 4096 XLA's single full-dim
+naive / full 2.4-3.1 in the same runs. Three runs of `--kinds=sigmoid`
+(the first before its log1p became a polynomial instead of a division,
+which timed the same in an A/B of the kernel), native / full (chunked /
+full; nesting):
+
+  B = 1024:  1.31, 1.18, 1.06   (chunked 2.03, 1.87, 1.57; nesting 1.41, 1.21, 1.28)
+  B = 4096:  0.96, 0.95, 0.91   (chunked 1.69, 1.61, 1.68; nesting 1.40, 1.51, 1.37)
+
+naive 2.6-3.4; its forward takes a softplus (an exp and a log1p
+polynomial) per logit and prefix, its backward a sigmoid (an exp and a
+division). At B = 4096 XLA's single full-dim
 loss maps ~270 MB of fresh temporaries per call (67k page faults) and
 takes its B x B passes through memory; the native kernel's own single
 full-dim loss takes ~0.75x its time there, so all 7 prefixes come in under
@@ -146,7 +156,7 @@ def _variants(kind, dims):
   # In the order they run within each rep: each ratio's two variants next
   # to each other where they can be.
   fns = {'full': lambda x, y: mrl.contrastive(x, y, [d], **kw)}
-  if kind == 'softmax' and contrastive_native.available():
+  if contrastive_native.available():
     fns['native'] = lambda x, y: mrl.contrastive(x, y, dims, **kw, impl='native')
     fns['native1'] = lambda x, y: mrl.contrastive(x, y, [d], **kw, impl='native')
   fns['chunked'] = lambda x, y: mrl.contrastive(x, y, dims, **kw)

@@ -1,9 +1,11 @@
-/* The nested softmax contrastive loss of every prefix, fused, on the CPU.
+/* The nested softmax contrastive loss of every prefix, fused, on the CPU
+ * (and the sigmoid loss on the same tiles and panels: mrl_sigmoid_*).
  *
- * The native counterpart of `matryoshka._softmax_fwd` for all the prefixes
- * at once, for hosts without an accelerator: `contrastive_native.py` calls
- * it as two XLA FFI custom calls (the handlers at the end of this file), on
- * XLA's own buffers inside the jitted program.
+ * The native counterpart of `matryoshka._softmax_fwd` (and `_sigmoid_fwd`)
+ * for all the prefixes at once, for hosts without an accelerator:
+ * `contrastive_native.py` calls each loss as two XLA FFI custom calls (the
+ * handlers at the end of this file), on XLA's own buffers inside the jitted
+ * program.
  *
  * For prefix m (M of them) the logits are l_ij = <x_i[:m], y_j[:m]> a_i c_j
  * (a_i = 1 / (|x_i[:m]| tau_m), c_j = 1 / |y_j[:m]|). The features are laid
@@ -116,6 +118,46 @@ INLINE v8f vexp2(v8f z) {
 #define LOG2E 1.44269504088896341f
 #define LN2 0.693147180559945309f
 
+/* log1p(e) for e in [0, 1]: e times a degree-8 minimax polynomial for
+ * log1p(e) / e (3e-8 relative; no division). */
+INLINE v8f vlog1p01(v8f e) {
+  v8f p = e * 0.005288171581923962f - 0.029758933931589127f;
+  p = p * e + 0.07869814336299896f;
+  p = p * e - 0.13709241151809692f;
+  p = p * e + 0.19131067395210266f;
+  p = p * e - 0.24850526452064514f;
+  p = p * e + 0.3332024812698364f;
+  p = p * e - 0.4999956488609314f;
+  p = p * e + 1.0f;
+  return e * p;
+}
+
+INLINE v8f vabs(v8f v) { return (v8f)((v8i)v & 0x7fffffff); }
+INLINE v8f vpos(v8f v) { return (v8f)((v8i)v & (v8i)(v > 0.0f)); } /* max(v, 0) */
+
+/* softplus(v) = max(v, 0) + log1p(exp(-|v|)) (-inf: ~1e-38), and the exp */
+INLINE v8f vsoftplus(v8f v, v8f *e) {
+  *e = vexp2(vabs(v) * -LOG2E);
+  return vpos(v) + vlog1p01(*e);
+}
+
+/* sigmoid(v) from v and e = exp(-|v|) */
+INLINE v8f vsigmoid(v8f v, v8f e) {
+  v8i pos = (v8i)(v >= 0.0f);
+  v8f num = (v8f)((pos & (v8i)((v8f){0} + 1.0f)) | (~pos & (v8i)e));
+  return num / (e + 1.0f);
+}
+
+/* Negate lane jj (0-23) of the three vectors u0, u1, u2: the diagonal
+ * logit's sign in the sigmoid loss. */
+#define FLIP_LANE(jj, u0, u1, u2)                       \
+  do {                                                  \
+    int jj_ = (jj);                                     \
+    if (jj_ < 8) u0[jj_] = -u0[jj_];                    \
+    else if (jj_ < 16) u1[jj_ - 8] = -u1[jj_ - 8];      \
+    else u2[jj_ - 16] = -u2[jj_ - 16];                  \
+  } while (0)
+
 /* The offset of prefix m's dots of tile (ti, bj) (nbj y blocks, M
  * prefixes), in the order the backward reads them: by x tiles; within each
  * by runs of the PC / TJ y blocks of a backward panel; within a run by
@@ -146,6 +188,10 @@ typedef struct {
   int64_t nkb;            /* feature blocks */
   const int32_t *kb;      /* [nkb + 1] their offsets */
   int aligned;            /* dots is 32-byte aligned: stream the stores */
+  int sigmoid;            /* the sigmoid loss: a plain, cb = bias_m (-inf on padded
+                             columns), colp's first 8 floats of each prefix the
+                             lane partials of its sum of softplus */
+  int64_t b;              /* real rows (the diagonal's sign, sigmoid) */
 } Fwd;
 
 /* One tile over features [k0, k1); acc holds the 12 accumulators between
@@ -187,21 +233,45 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
     v8f c0 = load8(cm), c1 = load8(cm + 8), c2 = load8(cm + 16);
     v8f b0 = load8(cbm), b1 = load8(cbm + 8), b2 = load8(cbm + 16);
     v8f cs0 = {0}, cs1 = {0}, cs2 = {0};
+    /* row q's dots out to the stored dots */
+#define PUT_DOTS(q)                                                     \
+  if (dt == NULL) {                                                     \
+  } else if (F->aligned) {                                              \
+    stream8(dt + q * 24, A##q##0);                                      \
+    stream8(dt + q * 24 + 8, A##q##1);                                  \
+    stream8(dt + q * 24 + 16, A##q##2);                                 \
+  } else {                                                              \
+    store8(dt + q * 24, A##q##0);                                       \
+    store8(dt + q * 24 + 8, A##q##1);                                   \
+    store8(dt + q * 24 + 16, A##q##2);                                  \
+  }
+    if (F->sigmoid) {
+      /* softplus(+-(l + bias)) summed: the diagonal's sign flipped (rows
+       * < b: a padded row's -inf must not turn to +inf) */
+      const int diag = i0 >= j0 && i0 < j0 + TJ;
+      v8f acc = {0}, ee;
+#define SIG(q)                                                                   \
+  {                                                                              \
+    PUT_DOTS(q)                                                                  \
+    float aq = am[i0 + q], rq = F->rb[i0 + q];                                   \
+    v8f u0 = A##q##0 * (aq * c0) + (b0 + rq), u1 = A##q##1 * (aq * c1) + (b1 + rq); \
+    v8f u2 = A##q##2 * (aq * c2) + (b2 + rq);                                    \
+    if (diag && i0 + q < F->b) FLIP_LANE(i0 + q - j0, u0, u1, u2);               \
+    acc += (vsoftplus(u0, &ee) + vsoftplus(u1, &ee)) + vsoftplus(u2, &ee);       \
+  }
+      FOR_TILE(SIG)
+#undef SIG
+      float *cp = colp + m * bp;
+      store8(cp, load8(cp) + acc);
+      if (F->bounds[m + 1] == k1) break;
+      continue;
+    }
     float *rp = F->rowp + (m * bp + i0) * 8;
     /* PAD: a tile with padded rows, whose -inf row biases mask them out of
      * the column sums (the last tiles only: the rest skip the add). */
 #define EPI(q, PAD)                                                     \
   {                                                                     \
-    if (dt == NULL) {                                                   \
-    } else if (F->aligned) {                                            \
-      stream8(dt + q * 24, A##q##0);                                    \
-      stream8(dt + q * 24 + 8, A##q##1);                                \
-      stream8(dt + q * 24 + 16, A##q##2);                               \
-    } else {                                                            \
-      store8(dt + q * 24, A##q##0);                                     \
-      store8(dt + q * 24 + 8, A##q##1);                                 \
-      store8(dt + q * 24 + 16, A##q##2);                                \
-    }                                                                   \
+    PUT_DOTS(q)                                                         \
     float aq = am[i0 + q], rq = PAD ? F->rb[i0 + q] : 0.0f;             \
     v8f e0 = vexp2(A##q##0 * (aq * c0) + (PAD ? b0 + rq : b0));         \
     v8f e1 = vexp2(A##q##1 * (aq * c1) + (PAD ? b1 + rq : b1));         \
@@ -221,6 +291,7 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
 #undef EPI_FULL
 #undef EPI_PAD
 #undef EPI
+#undef PUT_DOTS
     float *cp = colp + m * bp + j0;
     store8(cp, load8(cp) + cs0);
     store8(cp + 8, load8(cp + 8) + cs1);
@@ -267,15 +338,17 @@ typedef struct {
   const float *wr, *wc;   /* [m][bp] one exp: gm e^(shift - lse) of rows / columns;
                              two exps: wr = (row bias - lse_r) log2(e), wc unused */
   const int32_t *two;     /* [m] */
-  const float *gm;        /* [m] g_m ln(2) / (2 B) */
+  const float *gm;        /* [m] g_m ln(2) / (2 B); sigmoid: g_m / B */
   const float *dots;      /* the forward's */
+  int sigmoid;            /* the sigmoid loss: a plain, cb = bias_m (-inf on padded columns) */
+  int64_t b;              /* real rows */
 } Bwd;
 
 /* The cotangents of prefix m of one tile (4 x rows from i0, 24 y rows from
  * block bj): ga / gc partials, and h_m = gd_m + h_(m+1) into the panel h at
  * (pr, pc), in place (last: m is the last prefix, h holds nothing yet). */
 INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, int64_t m, float *gap, float *gcp,
-                     float *h, int64_t pr, int64_t pc, int last) {
+                     float *gbp, float *h, int64_t pr, int64_t pc, int last) {
   const int64_t bp = B->bp, M = B->m, i0 = ti * TI, j0 = bj * TJ;
   const float *dt = B->dots + dots_at(bp / TJ, M, ti, bj, m);
   const float *cm = B->c + m * bp + j0, *am = B->a + m * bp;
@@ -283,6 +356,40 @@ INLINE void bwd_tile(const Bwd *B, int64_t ti, int64_t bj, int64_t m, float *gap
   v8f cv[3], bv[3], gcv[3];
   for (int v = 0; v < 3; v++) cv[v] = load8(cm + 8 * v), bv[v] = load8(cbm + 8 * v), gcv[v] = (v8f){0};
   float *gp = gap + (m * bp + i0) * 8, *hr = h + pr * PC + pc;
+  if (B->sigmoid) { /* G = -+ sigmoid(v) g_m / B, v as in the forward; gbp: sum of G */
+    const int diag = i0 >= j0 && i0 < j0 + TJ;
+    const float gmm = B->gm[m];
+    v8f gb = {0};
+    for (int q = 0; q < TI; q++, hr += PC) {
+      float aq = am[i0 + q], rq = B->rb[i0 + q];
+      v8f ac[3], u[3], dv[3];
+      for (int v = 0; v < 3; v++) {
+        dv[v] = load8(dt + q * 24 + 8 * v), ac[v] = aq * cv[v];
+        u[v] = dv[v] * ac[v] + (bv[v] + rq);
+      }
+      const int flip = diag && i0 + q < B->b;
+      if (flip) FLIP_LANE(i0 + q - j0, u[0], u[1], u[2]);
+      v8f ga = {0};
+      for (int v = 0; v < 3; v++) {
+        v8f e = vexp2(vabs(u[v]) * -LOG2E);
+        u[v] = vsigmoid(u[v], e) * gmm;
+      }
+      if (flip) FLIP_LANE(i0 + q - j0, u[0], u[1], u[2]); /* G: the sign back on the diagonal */
+      for (int v = 0; v < 3; v++) {
+        v8f g = u[v], gd = g * ac[v];
+        store8(hr + 8 * v, last ? gd : gd + load8(hr + 8 * v));
+        v8f t = g * dv[v];
+        ga += t * cv[v];
+        gcv[v] += t * aq;
+        gb += g;
+      }
+      store8(gp + q * 8, load8(gp + q * 8) + ga);
+    }
+    float *cp = gcp + m * bp + j0, *bq = gbp + m * 8;
+    for (int v = 0; v < 3; v++) store8(cp + 8 * v, load8(cp + 8 * v) + gcv[v]);
+    store8(bq, load8(bq) + gb);
+    return;
+  }
   if (!B->two[m]) { /* padded rows need no bias here: their a is 0 and their w finite */
     const float *wcm = B->wc + m * bp + j0, *wrm = B->wr + m * bp;
     v8f wv[3];
@@ -372,8 +479,9 @@ INLINE void gemm6(const float *p, int64_t rs, int64_t ks, int64_t nk, const floa
  * panels of PR x PC; in each, the prefixes from the last: h_m of every tile,
  * then chunk m's two products with it. dx: rows of this call, written;
  * gap [m][bp][8] lane partials of ga, rows of this call, accumulated into;
- * dyp [dp/8][bp][8]: this call's partial, written; gcp [m][bp]: this call's
- * zeroed partial; scratch: the PR * PC panel. */
+ * dyp [dp/8][bp][8]: this call's partial, written; gcp [m][bp] (+ [m][8]
+ * lane partials of the sigmoid bias's cotangent): this call's zeroed
+ * partials; scratch: the PR * PC panel. */
 INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, float *dyp,
                      float *gap, float *gcp, float *scratch) {
   const int64_t bp = B->bp, M = B->m, slab = bp * 8;
@@ -386,7 +494,8 @@ INLINE void bwd_body(const Bwd *B, int64_t r_begin, int64_t r_end, float *dx, fl
         /* (x tile, y block) in the order of the stored dots: a sequential read */
         for (int64_t ti = r0 / TI; ti < (r0 + nr) / TI; ti++)
           for (int64_t bj = c0 / TJ; bj < (c0 + nc) / TJ; bj++)
-            bwd_tile(B, ti, bj, m, gap, gcp, h, ti * TI - r0, bj * TJ - c0, m == M - 1);
+            bwd_tile(B, ti, bj, m, gap, gcp, gcp + M * bp, h, ti * TI - r0, bj * TJ - c0,
+                     m == M - 1);
         int64_t lo = B->bounds[m], hi = B->bounds[m + 1];
         for (int64_t f = lo; f < hi; f += 16) {
           int w16 = f + 16 <= hi;
@@ -775,12 +884,13 @@ static void fwd_prep(void *p, int t, int n) {
   for (int64_t i = lo; i < hi; i += TJ) pack_rows(J->y, s, i, TJ, J->yk + i * s->dp);
   share(s->bp, UNIT, t, n, &lo, &hi); /* x by tiles, this share's */
   for (int64_t i = lo; i < hi; i += TI) pack_rows(J->x, s, i, TI, J->xk + i * s->dp);
+  const int sig = J->F.sigmoid; /* shift: the biases */
   for (int64_t i = lo; i < hi; i++) {
     J->rb[i] = i < s->b ? 0.0f : -INFINITY;
     for (int64_t k = 0; k < s->m; k++) {
-      J->ap[k * s->bp + i] = i < s->b ? J->a[k * s->b + i] * LOG2E : 0.0f;
+      J->ap[k * s->bp + i] = i < s->b ? J->a[k * s->b + i] * (sig ? 1.0f : LOG2E) : 0.0f;
       J->cp[k * s->bp + i] = i < s->b ? J->c[k * s->b + i] : 0.0f;
-      J->cb[k * s->bp + i] = i < s->b ? -J->shift[k] * LOG2E : -INFINITY;
+      J->cb[k * s->bp + i] = i < s->b ? (sig ? J->shift[k] : -J->shift[k] * LOG2E) : -INFINITY;
     }
   }
 }
@@ -803,10 +913,10 @@ static void fwd_run(void *p, int t, int n) {
  * with shift_m >= max l - 70. Out: lse_r, lse_c [m][b]; two [m]; dots
  * (mrl_contrastive_dots_size bytes, 32-byte aligned or not; NULL: not
  * stored). 0 on success, -1 out of memory. */
-int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d,
-                            const int32_t *dims, int64_t m, const float *a, const float *c,
-                            const float *shift, float *lse_r, float *lse_c, int32_t *two,
-                            float *dots) {
+static int forward_impl(const float *x, const float *y, int64_t b, int64_t d,
+                        const int32_t *dims, int64_t m, const float *a, const float *c,
+                        const float *shift, float *lse_r, float *lse_c, int32_t *two,
+                        double *sums, float *dots) {
   Shape s;
   if (make_shape(&s, b, d, m, dims)) return -1;
   int n = num_threads();
@@ -850,7 +960,7 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
     if (end - kb[nkb] >= KC || k == m - 1) kb[++nkb] = end;
   }
   J.F = (Fwd){bp, dp, m, s.bounds, J.xk, J.yk, J.ap, J.cp, J.cb, J.rb, dots, J.rowp, nkb, kb,
-           ((uintptr_t)dots & 31) == 0};
+           ((uintptr_t)dots & 31) == 0, sums != NULL, b};
   J.avx2 = mrl_contrastive_uses_avx2();
 #ifdef MADV_HUGEPAGE
   if (dots != NULL) { /* 2 MB pages for the stored dots: ~240 page faults per GB, not ~250k */
@@ -862,8 +972,14 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
   parallel(n, fwd_prep, &J);
   parallel(n, fwd_run, &J);
   if (J.F.aligned) STREAM_FENCE();
+  for (int64_t k = 0; sums != NULL && k < m; k++) { /* sigmoid: the lane partials summed */
+    double v = 0;
+    for (int t = 0; t < n; t++)
+      for (int q = 0; q < 8; q++) v += colp[t][k * bp + q];
+    sums[k] = v;
+  }
   /* Sums -> log-sum-exps; a prefix whose sums underflowed gets exact ones. */
-  for (int64_t k = 0; k < m; k++) {
+  for (int64_t k = 0; sums == NULL && k < m; k++) {
     float lo_sum = INFINITY;
     for (int64_t i = 0; i < b; i++) {
       const float *rp = J.rowp + (k * bp + i) * 8;
@@ -881,7 +997,7 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
       int64_t bytes = mrl_contrastive_dots_size(b, m);
       float *tmp = aligned_alloc(64, (bytes + 63) / 64 * 64);
       if (tmp == NULL) return -1;
-      int rc = mrl_contrastive_forward(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, tmp);
+      int rc = forward_impl(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, NULL, tmp);
       free(tmp);
       return rc;
     }
@@ -893,6 +1009,22 @@ int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d
   scratch_give(blk);
   free(s.bounds);
   return 0;
+}
+
+int mrl_contrastive_forward(const float *x, const float *y, int64_t b, int64_t d,
+                            const int32_t *dims, int64_t m, const float *a, const float *c,
+                            const float *shift, float *lse_r, float *lse_c, int32_t *two,
+                            float *dots) {
+  return forward_impl(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, NULL, dots);
+}
+
+/* The sigmoid loss's B x B part: x, y, dims, a, c as above (a = t_m / |x_i[:m]|,
+ * not scaled by log2 e), bias [m]. Out: sums [m] = sum_ij softplus(v_ij),
+ * v = l + bias off the diagonal and -(l + bias) on it; dots as above. */
+int mrl_sigmoid_forward(const float *x, const float *y, int64_t b, int64_t d,
+                        const int32_t *dims, int64_t m, const float *a, const float *c,
+                        const float *bias, double *sums, float *dots) {
+  return forward_impl(x, y, b, d, dims, m, a, c, bias, NULL, NULL, NULL, sums, dots);
 }
 
 typedef struct {
@@ -923,8 +1055,13 @@ static void bwd_prep(void *p, int t, int n) {
       int64_t o = k * bp + i, u = k * s->b + i;
       /* exponents in base 2 (a, biases times log2 e), G times ln 2: so gd =
        * G a c and gc come out exact, ga times ln 2 (undone in bwd_post) */
-      J->ap[o] = valid ? J->a[u] * LOG2E : 0.0f;
       J->cp[o] = valid ? J->c[u] : 0.0f;
+      if (J->B.sigmoid) { /* natural units; shift: the biases */
+        J->ap[o] = valid ? J->a[u] : 0.0f;
+        J->cb[o] = valid ? J->shift[k] : -INFINITY;
+        continue;
+      }
+      J->ap[o] = valid ? J->a[u] * LOG2E : 0.0f;
       if (!J->two[k]) {
         J->cb[o] = valid ? -J->shift[k] * LOG2E : -INFINITY;
         J->wr[o] = valid ? J->gm[k] * expf(J->shift[k] - J->lse_r[u]) : 0.0f;
@@ -938,7 +1075,7 @@ static void bwd_prep(void *p, int t, int n) {
   }
   /* this share's zeroed partials (dx and its dy partial are set, not added
    * to, by the first products into them) */
-  memset(J->gcp[t], 0, sizeof(float) * m * bp);
+  memset(J->gcp[t], 0, sizeof(float) * (m * bp + m * 8));
   for (int64_t k = 0; k < m; k++) memset(J->gap + (k * bp + lo) * 8, 0, sizeof(float) * (hi - lo) * 8);
 }
 
@@ -982,7 +1119,8 @@ static void bwd_post(void *p, int t, int n) {
     for (int64_t k = 0; k < m; k++) {
       const float *gp = J->gap + (k * bp + i) * 8;
       J->ga[k * s->b + i] =
-          (((gp[0] + gp[1]) + (gp[2] + gp[3])) + ((gp[4] + gp[5]) + (gp[6] + gp[7]))) * LOG2E;
+          (((gp[0] + gp[1]) + (gp[2] + gp[3])) + ((gp[4] + gp[5]) + (gp[6] + gp[7]))) *
+          (J->B.sigmoid ? 1.0f : LOG2E);
       float v = 0.0f;
       for (int64_t u = 0; u < nt; u++) v += J->gcp[u][k * bp + i];
       J->gc[k * s->b + i] = v;
@@ -997,7 +1135,7 @@ static int backward_rows(const float *x, const float *y, int64_t b, int64_t d,
                          const int32_t *dims, int64_t m, const float *a, const float *c,
                          const float *shift, const float *lse_r, const float *lse_c,
                          const int32_t *two, const float *g, const float *dots, float *dx,
-                         float *dy, float *ga, float *gc,
+                         float *dy, float *ga, float *gc, float *gbias,
                          void (*row_done)(void *ctx, int64_t i, int t), void *row_ctx) {
   Shape s;
   if (make_shape(&s, b, d, m, dims)) return -1;
@@ -1009,7 +1147,7 @@ static int backward_rows(const float *x, const float *y, int64_t b, int64_t d,
   J.x = x, J.y = y, J.a = a, J.c = c, J.shift = shift, J.lse_r = lse_r, J.lse_c = lse_c;
   J.two = two, J.dx = dx, J.dy = dy, J.ga = ga, J.gc = gc;
   J.row_done = row_done, J.row_ctx = row_ctx;
-  size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + bp + m +
+  size_t nbuf = (size_t)(3 + n) * bp * dp + (size_t)(5 + n) * m * bp + (size_t)n * m * 8 + bp + m +
                 (size_t)m * bp * 8 + (size_t)n * PR * PC;
   Block blk = scratch_take((int64_t)(nbuf * sizeof(float)));
   float *buf = blk.p;
@@ -1028,19 +1166,26 @@ static int backward_rows(const float *x, const float *y, int64_t b, int64_t d,
   J.cb = q, q += m * bp;
   J.wr = q, q += m * bp;
   J.wc = q, q += m * bp;
-  for (int t = 0; t < n; t++) gcp[t] = q, q += m * bp;
+  for (int t = 0; t < n; t++) gcp[t] = q, q += m * bp + m * 8;
   J.rb = q, q += bp;
   J.gm = q, q += m;
   J.gap = q, q += m * bp * 8;
   J.scratch = q;
   J.dyp = dyp, J.gcp = gcp;
-  for (int64_t k = 0; k < m; k++) J.gm[k] = g[k] * (0.5f / (float)b) * LN2;
+  const int sig = gbias != NULL; /* shift: the biases */
+  for (int64_t k = 0; k < m; k++) J.gm[k] = sig ? g[k] / (float)b : g[k] * (0.5f / (float)b) * LN2;
   J.B = (Bwd){bp, dp, m, s.bounds, J.xp, J.yp, J.ap, J.cp, J.cb, J.rb, J.wr, J.wc,
-              two, J.gm, dots};
+              two, J.gm, dots, sig, b};
   J.avx2 = mrl_contrastive_uses_avx2();
   parallel(n, bwd_prep, &J);
   parallel(n, bwd_run, &J);
   parallel(n, bwd_post, &J);
+  for (int64_t k = 0; sig && k < m; k++) {
+    double v = 0;
+    for (int t = 0; t < n; t++)
+      for (int q = 0; q < 8; q++) v += gcp[t][m * bp + k * 8 + q];
+    gbias[k] = (float)v;
+  }
   scratch_give(blk);
   free(dyp);
   free(gcp);
@@ -1054,7 +1199,18 @@ int mrl_contrastive_backward(const float *x, const float *y, int64_t b, int64_t 
                              const int32_t *two, const float *g, const float *dots, float *dx,
                              float *dy, float *ga, float *gc) {
   return backward_rows(x, y, b, d, dims, m, a, c, shift, lse_r, lse_c, two, g, dots, dx, dy, ga,
-                       gc, NULL, NULL);
+                       gc, NULL, NULL, NULL);
+}
+
+/* The cotangents of x, y, a, c and the biases [m] for the loss sum_m g_m
+ * sums_m / B of mrl_sigmoid_forward, given its stored dots. 0, or -1 as the
+ * forward. */
+int mrl_sigmoid_backward(const float *x, const float *y, int64_t b, int64_t d,
+                         const int32_t *dims, int64_t m, const float *a, const float *c,
+                         const float *bias, const float *g, const float *dots, float *dx,
+                         float *dy, float *ga, float *gc, float *gbias) {
+  return backward_rows(x, y, b, d, dims, m, a, c, bias, NULL, NULL, NULL, g, dots, dx, dy, ga,
+                       gc, gbias, NULL, NULL);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1206,6 +1362,7 @@ typedef struct {
   const Stats *S;
   float *dx, *dy, *ga, *gc;
   double *dt; /* [n][m] partials of the inverse temperatures' cotangents */
+  int sigmoid; /* the sigmoid loss: its diagonal is in the kernel, no eps */
 } Tail;
 
 /* Row i, by share t: the diagonal and label-smoothing terms' cotangents,
@@ -1226,7 +1383,8 @@ static void tail_row(void *p, int64_t i, int t) {
     for (int64_t k = 0; k < m; k++) {
       int64_t o = k * b + i;
       float gk = T->g[k], ai = S->a[o], ci = S->c[o];
-      float w = -(1.0f - T->eps) * gk / (float)b; /* cotangent of the diagonal logit */
+      /* cotangent of the diagonal logit (softmax's -(1 - eps) mean_i l_ii) */
+      float w = T->sigmoid ? 0.0f : -(1.0f - T->eps) * gk / (float)b;
       float ga = T->ga[o] + w * S->sxy[o] * ci, gc = T->gc[o] + w * S->sxy[o] * ai;
       wd[k] = w * ai * ci;
       if (T->eps != 0.0f) {
@@ -1267,14 +1425,14 @@ static void tail_row(void *p, int64_t i, int t) {
   }
 }
 
-/* The cotangents of x, y and the inverse temperatures for cotangents g [m]
- * of the forward's loss; dots: the forward's, or NULL (recomputed here).
- * 0, or -1 out of memory. */
-int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int64_t d,
-                                  const int32_t *dims, int64_t m, const float *inv_tau,
-                                  float eps, const float *lse_r, const float *lse_c,
-                                  const int32_t *two, const float *g, const float *dots,
-                                  float *dx, float *dy, float *d_inv_tau) {
+/* Both losses' backward (sigmoid: d_bias != NULL; inv_tau its scales, bias
+ * its biases, lse_r, lse_c, two unused). */
+static int loss_backward(const float *x, const float *y, int64_t b, int64_t d,
+                         const int32_t *dims, int64_t m, const float *inv_tau, float eps,
+                         const float *lse_r, const float *lse_c, const int32_t *two,
+                         const float *bias, const float *g, const float *dots, float *dx,
+                         float *dy, float *d_inv_tau, float *d_bias) {
+  const int sigmoid = d_bias != NULL;
   Stats S;
   if (stats_make(x, y, b, d, dims, m, inv_tau, eps, &S)) return -1;
   float *own = NULL, *ga = malloc(sizeof(float) * 2 * m * b);
@@ -1283,18 +1441,20 @@ int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int
   if (rc == 0 && dots == NULL) { /* recompute them (the same kernel: the same bits) */
     int64_t bytes = mrl_contrastive_dots_size(b, m);
     float *tmp = malloc(sizeof(float) * 2 * m * b + sizeof(int32_t) * m);
+    double sums[MAX_PREFIXES];
     own = aligned_alloc(64, (bytes + 63) / 64 * 64);
     rc = own != NULL && tmp != NULL ? 0 : -1;
     if (rc == 0)
-      rc = mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, tmp, tmp + m * b,
-                                   (int32_t *)(tmp + 2 * m * b), own);
+      rc = sigmoid ? mrl_sigmoid_forward(x, y, b, d, dims, m, S.a, S.c, bias, sums, own)
+                   : mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, tmp,
+                                             tmp + m * b, (int32_t *)(tmp + 2 * m * b), own);
     free(tmp);
     dots = own;
   }
-  Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt};
+  Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt, sigmoid};
   if (rc == 0)
-    rc = backward_rows(x, y, b, d, dims, m, S.a, S.c, S.shift, lse_r, lse_c, two, g, dots, dx,
-                       dy, ga, ga + m * b, tail_row, &T);
+    rc = backward_rows(x, y, b, d, dims, m, S.a, S.c, sigmoid ? bias : S.shift, lse_r, lse_c,
+                       two, g, dots, dx, dy, ga, ga + m * b, d_bias, tail_row, &T);
   if (rc == 0) {
     for (int64_t k = 0; k < m; k++) {
       double v = 0;
@@ -1307,6 +1467,45 @@ int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int
   free(dt);
   stats_free(&S);
   return rc;
+}
+
+/* The cotangents of x, y and the inverse temperatures for cotangents g [m]
+ * of the forward's loss; dots: the forward's, or NULL (recomputed here).
+ * 0, or -1 out of memory. */
+int mrl_contrastive_loss_backward(const float *x, const float *y, int64_t b, int64_t d,
+                                  const int32_t *dims, int64_t m, const float *inv_tau,
+                                  float eps, const float *lse_r, const float *lse_c,
+                                  const int32_t *two, const float *g, const float *dots,
+                                  float *dx, float *dy, float *d_inv_tau) {
+  return loss_backward(x, y, b, d, dims, m, inv_tau, eps, lse_r, lse_c, two, NULL, g, dots, dx,
+                       dy, d_inv_tau, NULL);
+}
+
+/* The per-prefix sigmoid loss of `matryoshka._sigmoid_fwd`: loss [m] =
+ * sum_ij softplus(-z_ij (l_ij + bias_m)) / B, l_ij = <x_i[:m], y_j[:m]>
+ * scale_m / (|x_i[:m]| |y_j[:m]|) (scale = 1 / temperature), z = +1 on the
+ * diagonal and -1 off it; dots (unless NULL) the backward's residual. 0, or
+ * -1 out of memory. */
+int mrl_sigmoid_loss_forward(const float *x, const float *y, int64_t b, int64_t d,
+                             const int32_t *dims, int64_t m, const float *scale,
+                             const float *bias, float *loss, float *dots) {
+  Stats S;
+  if (stats_make(x, y, b, d, dims, m, scale, 0.0f, &S)) return -1;
+  double sums[MAX_PREFIXES];
+  int rc = mrl_sigmoid_forward(x, y, b, d, dims, m, S.a, S.c, bias, sums, dots);
+  for (int64_t k = 0; rc == 0 && k < m; k++) loss[k] = (float)(sums[k] / b);
+  stats_free(&S);
+  return rc;
+}
+
+/* Cotangents of x, y, scale and bias for sum_m g_m loss_m; dots: the
+ * forward's, or NULL (recomputed). 0, or -1 out of memory. */
+int mrl_sigmoid_loss_backward(const float *x, const float *y, int64_t b, int64_t d,
+                              const int32_t *dims, int64_t m, const float *scale,
+                              const float *bias, const float *g, const float *dots, float *dx,
+                              float *dy, float *d_scale, float *d_bias) {
+  return loss_backward(x, y, b, d, dims, m, scale, 0.0f, NULL, NULL, NULL, bias, g, dots, dx, dy,
+                       d_scale, d_bias);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1342,11 +1541,13 @@ static XLA_FFI_Error *ffi_metadata(XLA_FFI_CallFrame *cf, int *done) {
 
 /* Decodes the call's buffers against sig: a dtype letter (f: f32, s: s32)
  * and a rank per argument, '|', the same per result, into o[] (arguments,
- * then results). Both handlers' first arguments are x, y [B, d], dims [M],
- * inv_tau [M] and eps [1]: checked here, *b, *d, *m set. NULL, or the error
+ * then results). Every handler's first arguments are x, y [B, d], dims [M],
+ * the inverse temperatures [M] and eps [1] (softmax) or the biases [M]
+ * (sigmoid: per_prefix4): checked here, *b, *d, *m set. NULL, or the error
  * to return. */
 static XLA_FFI_Error *ffi_operands(XLA_FFI_CallFrame *cf, const char *name, const char *sig,
-                                   XLA_FFI_Buffer **o, int64_t *b, int64_t *d, int64_t *m) {
+                                   int per_prefix4, XLA_FFI_Buffer **o, int64_t *b, int64_t *d,
+                                   int64_t *m) {
   static __thread char msg[160];
   const char *bar = strchr(sig, '|');
   int64_t k = 0, nargs = 0;
@@ -1376,7 +1577,8 @@ static XLA_FFI_Error *ffi_operands(XLA_FFI_CallFrame *cf, const char *name, cons
   }
   *b = o[0]->dims[0], *d = o[0]->dims[1], *m = o[2]->dims[0];
   if (o[1]->dims[0] != *b || o[1]->dims[1] != *d || o[3]->dims[0] != *m ||
-      o[4]->dims[0] != 1 || *m < 1 || *m > MAX_PREFIXES || *b < 1) {
+      o[4]->dims[0] != (per_prefix4 ? *m : 1) ||
+      *m < 1 || *m > MAX_PREFIXES || *b < 1) {
     snprintf(msg, sizeof(msg), "%s: inconsistent shapes", name);
     return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT, msg);
   }
@@ -1446,30 +1648,17 @@ int64_t mrl_contrastive_workspace_bytes(void) {
   return v;
 }
 
-/* Args x, y [B, d] f32, dims [M] s32, inv_tau [M], eps [1]; rets loss [M],
- * lse_r, lse_c [M, B], two [M] s32, token [1] s32 (the generation of the
- * stored dots, 0: not stored). */
-XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
-  int done;
-  XLA_FFI_Error *err = ffi_metadata(cf, &done);
-  if (done) return err;
-  XLA_FFI_Buffer *o[10];
-  int64_t b, d, m;
-  if ((err = ffi_operands(cf, "mrl_contrastive_forward", "f2f2s1f1f1|f1f2f2s1s1", o, &b, &d, &m)))
-    return err;
-  XLA_FFI_Buffer *x = o[0], *y = o[1], *dims = o[2], *tau = o[3], *eps = o[4], *loss = o[5],
-                 *lr = o[6], *lc = o[7], *two = o[8], *token = o[9];
-  if (!ffi_shape(loss, m, -1) || !ffi_shape(lr, m, b) || !ffi_shape(lc, m, b) ||
-      !ffi_shape(two, m, -1) || !ffi_shape(token, 1, -1))
-    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
-                     "mrl_contrastive_forward: inconsistent result shapes");
+/* The loss's forward call: fwd(ctx, store) with the stored dots' buffer
+ * (NULL: over the limit), under the lock, then the generation of what it
+ * stored into token [1] (0: nothing). 0, or the kernel's error. */
+static int ffi_forward_stored(XLA_FFI_CallFrame *cf, int64_t b, int64_t m,
+                              int (*fwd)(void *ctx, float *store), void *ctx,
+                              XLA_FFI_Buffer *token) {
   pool_api = cf->api, pool_ctx = cf->ctx;
   pthread_mutex_lock(&ws_lock);
   float *store = ws_reserve_locked(mrl_contrastive_dots_size(b, m));
   ws_gen = 0;
-  int rc = mrl_contrastive_loss_forward(x->data, y->data, b, d, dims->data, m, tau->data,
-                                        ((const float *)eps->data)[0], loss->data, lr->data,
-                                        lc->data, two->data, store);
+  int rc = fwd(ctx, store);
   uint32_t gen = 0;
   if (rc == 0 && store != NULL) {
     if (++ws_next == 0 || ws_next > 0x7fffffffu) ws_next = 1;
@@ -1478,10 +1667,85 @@ XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
   pthread_mutex_unlock(&ws_lock);
   pool_api = NULL, pool_ctx = NULL;
   ((int32_t *)token->data)[0] = (int32_t)gen;
-  if (rc)
-    return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
-                     "mrl_contrastive_forward: out of memory");
-  return NULL;
+  return rc;
+}
+
+/* The loss's backward call: bwd(ctx, dots) with the forward's stored dots
+ * if token still names them (held under the lock), else NULL (the kernel
+ * recomputes them). */
+static int ffi_backward_stored(XLA_FFI_CallFrame *cf, const XLA_FFI_Buffer *token,
+                               int (*bwd)(void *ctx, const float *dots), void *ctx) {
+  uint32_t gen = (uint32_t)((const int32_t *)token->data)[0];
+  pool_api = cf->api, pool_ctx = cf->ctx;
+  pthread_mutex_lock(&ws_lock);
+  int held = gen != 0 && gen == ws_gen;
+  if (!held) pthread_mutex_unlock(&ws_lock); /* recomputed: no need to hold it */
+  int rc = bwd(ctx, held ? ws_data : NULL);
+  if (held) pthread_mutex_unlock(&ws_lock);
+  pool_api = NULL, pool_ctx = NULL;
+  return rc;
+}
+
+static XLA_FFI_Error *ffi_out_of_memory(XLA_FFI_CallFrame *cf, int rc, const char *msg) {
+  return rc ? ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED, msg) : NULL;
+}
+
+typedef struct {
+  XLA_FFI_Buffer **o;
+  int64_t b, d, m;
+} Call;
+
+static int softmax_fwd_call(void *p, float *store) {
+  Call *C = p;
+  XLA_FFI_Buffer **o = C->o; /* x, y, dims, inv_tau, eps | loss, lse_r, lse_c, two */
+  return mrl_contrastive_loss_forward(o[0]->data, o[1]->data, C->b, C->d, o[2]->data, C->m,
+                                      o[3]->data, ((const float *)o[4]->data)[0], o[5]->data,
+                                      o[6]->data, o[7]->data, o[8]->data, store);
+}
+
+static int softmax_bwd_call(void *p, const float *dots) {
+  Call *C = p;
+  XLA_FFI_Buffer **o = C->o; /* x, y, dims, inv_tau, eps, lse_r, lse_c, two, g | dx, dy, dtau */
+  return mrl_contrastive_loss_backward(o[0]->data, o[1]->data, C->b, C->d, o[2]->data, C->m,
+                                       o[3]->data, ((const float *)o[4]->data)[0], o[5]->data,
+                                       o[6]->data, o[7]->data, o[8]->data, dots, o[10]->data,
+                                       o[11]->data, o[12]->data);
+}
+
+static int sigmoid_fwd_call(void *p, float *store) {
+  Call *C = p;
+  XLA_FFI_Buffer **o = C->o; /* x, y, dims, scale, bias | loss */
+  return mrl_sigmoid_loss_forward(o[0]->data, o[1]->data, C->b, C->d, o[2]->data, C->m,
+                                  o[3]->data, o[4]->data, o[5]->data, store);
+}
+
+static int sigmoid_bwd_call(void *p, const float *dots) {
+  Call *C = p;
+  XLA_FFI_Buffer **o = C->o; /* x, y, dims, scale, bias, g | dx, dy, dscale, dbias */
+  return mrl_sigmoid_loss_backward(o[0]->data, o[1]->data, C->b, C->d, o[2]->data, C->m,
+                                   o[3]->data, o[4]->data, o[5]->data, dots, o[7]->data,
+                                   o[8]->data, o[9]->data, o[10]->data);
+}
+
+/* Args x, y [B, d] f32, dims [M] s32, inv_tau [M], eps [1]; rets loss [M],
+ * lse_r, lse_c [M, B], two [M] s32, token [1] s32 (the generation of the
+ * stored dots, 0: not stored). */
+XLA_FFI_Error *mrl_contrastive_ffi_forward(XLA_FFI_CallFrame *cf) {
+  int done;
+  XLA_FFI_Error *err = ffi_metadata(cf, &done);
+  if (done) return err;
+  XLA_FFI_Buffer *o[10];
+  Call C = {o, 0, 0, 0};
+  if ((err = ffi_operands(cf, "mrl_contrastive_forward", "f2f2s1f1f1|f1f2f2s1s1", 0, o, &C.b,
+                          &C.d, &C.m)))
+    return err;
+  int64_t b = C.b, m = C.m;
+  if (!ffi_shape(o[5], m, -1) || !ffi_shape(o[6], m, b) || !ffi_shape(o[7], m, b) ||
+      !ffi_shape(o[8], m, -1) || !ffi_shape(o[9], 1, -1))
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_contrastive_forward: inconsistent result shapes");
+  return ffi_out_of_memory(cf, ffi_forward_stored(cf, b, m, softmax_fwd_call, &C, o[9]),
+                           "mrl_contrastive_forward: out of memory");
 }
 
 /* Args x, y, dims, inv_tau, eps, lse_r, lse_c, two, g [M], token; rets dx,
@@ -1491,33 +1755,55 @@ XLA_FFI_Error *mrl_contrastive_ffi_backward(XLA_FFI_CallFrame *cf) {
   XLA_FFI_Error *err = ffi_metadata(cf, &done);
   if (done) return err;
   XLA_FFI_Buffer *o[13];
-  int64_t b, d, m;
-  if ((err = ffi_operands(cf, "mrl_contrastive_backward", "f2f2s1f1f1f2f2s1f1s1|f2f2f1", o, &b,
-                          &d, &m)))
+  Call C = {o, 0, 0, 0};
+  if ((err = ffi_operands(cf, "mrl_contrastive_backward", "f2f2s1f1f1f2f2s1f1s1|f2f2f1", 0, o,
+                          &C.b, &C.d, &C.m)))
     return err;
-  XLA_FFI_Buffer *x = o[0], *y = o[1], *dims = o[2], *tau = o[3], *eps = o[4], *lr = o[5],
-                 *lc = o[6], *two = o[7], *g = o[8], *token = o[9], *dx = o[10], *dy = o[11],
-                 *dtau = o[12];
-  if (!ffi_shape(lr, m, b) || !ffi_shape(lc, m, b) || !ffi_shape(two, m, -1) ||
-      !ffi_shape(g, m, -1) || !ffi_shape(token, 1, -1) || !ffi_shape(dx, b, d) ||
-      !ffi_shape(dy, b, d) || !ffi_shape(dtau, m, -1))
+  int64_t b = C.b, d = C.d, m = C.m;
+  if (!ffi_shape(o[5], m, b) || !ffi_shape(o[6], m, b) || !ffi_shape(o[7], m, -1) ||
+      !ffi_shape(o[8], m, -1) || !ffi_shape(o[9], 1, -1) || !ffi_shape(o[10], b, d) ||
+      !ffi_shape(o[11], b, d) || !ffi_shape(o[12], m, -1))
     return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
                      "mrl_contrastive_backward: inconsistent shapes");
-  uint32_t gen = (uint32_t)((const int32_t *)token->data)[0];
-  float e = ((const float *)eps->data)[0];
-  pool_api = cf->api, pool_ctx = cf->ctx;
-  pthread_mutex_lock(&ws_lock);
-  int held = gen != 0 && gen == ws_gen;
-  if (!held) pthread_mutex_unlock(&ws_lock); /* recomputed: no need to hold it */
-  int rc = mrl_contrastive_loss_backward(x->data, y->data, b, d, dims->data, m, tau->data, e,
-                                         lr->data, lc->data, two->data, g->data,
-                                         held ? ws_data : NULL, dx->data, dy->data,
-                                         dtau->data);
-  if (held) pthread_mutex_unlock(&ws_lock);
-  pool_api = NULL, pool_ctx = NULL;
-  if (rc)
-    return ffi_error(cf->api, XLA_FFI_Error_Code_RESOURCE_EXHAUSTED,
-                     "mrl_contrastive_backward: out of memory");
-  return NULL;
+  return ffi_out_of_memory(cf, ffi_backward_stored(cf, o[9], softmax_bwd_call, &C),
+                           "mrl_contrastive_backward: out of memory");
+}
+
+/* Args x, y [B, d] f32, dims [M] s32, scale [M], bias [M]; rets loss [M],
+ * token [1] s32 (as the softmax forward's). */
+XLA_FFI_Error *mrl_sigmoid_ffi_forward(XLA_FFI_CallFrame *cf) {
+  int done;
+  XLA_FFI_Error *err = ffi_metadata(cf, &done);
+  if (done) return err;
+  XLA_FFI_Buffer *o[7];
+  Call C = {o, 0, 0, 0};
+  if ((err = ffi_operands(cf, "mrl_sigmoid_forward", "f2f2s1f1f1|f1s1", 1, o, &C.b, &C.d,
+                          &C.m)))
+    return err;
+  if (!ffi_shape(o[5], C.m, -1) || !ffi_shape(o[6], 1, -1))
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_sigmoid_forward: inconsistent result shapes");
+  return ffi_out_of_memory(cf, ffi_forward_stored(cf, C.b, C.m, sigmoid_fwd_call, &C, o[6]),
+                           "mrl_sigmoid_forward: out of memory");
+}
+
+/* Args x, y, dims, scale, bias, g [M], token; rets dx, dy [B, d], d_scale,
+ * d_bias [M]. */
+XLA_FFI_Error *mrl_sigmoid_ffi_backward(XLA_FFI_CallFrame *cf) {
+  int done;
+  XLA_FFI_Error *err = ffi_metadata(cf, &done);
+  if (done) return err;
+  XLA_FFI_Buffer *o[11];
+  Call C = {o, 0, 0, 0};
+  if ((err = ffi_operands(cf, "mrl_sigmoid_backward", "f2f2s1f1f1f1s1|f2f2f1f1", 1, o, &C.b,
+                          &C.d, &C.m)))
+    return err;
+  int64_t b = C.b, d = C.d, m = C.m;
+  if (!ffi_shape(o[5], m, -1) || !ffi_shape(o[6], 1, -1) || !ffi_shape(o[7], b, d) ||
+      !ffi_shape(o[8], b, d) || !ffi_shape(o[9], m, -1) || !ffi_shape(o[10], m, -1))
+    return ffi_error(cf->api, XLA_FFI_Error_Code_INVALID_ARGUMENT,
+                     "mrl_sigmoid_backward: inconsistent shapes");
+  return ffi_out_of_memory(cf, ffi_backward_stored(cf, o[6], sigmoid_bwd_call, &C),
+                           "mrl_sigmoid_backward: out of memory");
 }
 #endif /* MRL_WITH_XLA_FFI */

@@ -1,17 +1,19 @@
-"""The nested softmax contrastive loss as fused native CPU code.
+"""The nested contrastive losses (softmax and sigmoid) as fused native CPU code.
 
-`matryoshka.contrastive(..., impl='native')` runs here (kind='softmax'). On
+`matryoshka.contrastive(..., impl='native')` runs here (`softmax_loss`,
+`sigmoid_loss`). On
 a CPU, XLA computes the chunked cumulative form as one matmul per chunk
 (12, 12, 24, ... features for d = 768), each writing and re-reading a B x B
 partial sum, and then several elementwise B x B passes per prefix: at d =
 768 its 7 prefixes cost ~1.7-2.3x the one full-dim loss on 2 cores. The C
 kernel (`_contrastive_native.c`) keeps a 4 x 24 tile of running dot
 products in registers and, after each chunk, exponentiates that prefix's
-logits and adds them to its row and column sums; it stores every prefix's
-dots, so its backward pass does the two gradient products the full-dim loss
-does and no third. benchmarks/contrastive_loss.py times both.
+logits and adds them to its row and column sums (softmax) or sums the
+softplus of its signed logits (sigmoid); it stores every prefix's dots, so
+its backward pass does the two gradient products the full-dim loss does and
+no third. benchmarks/contrastive_loss.py times both.
 
-The kernels are two XLA FFI custom calls on the CPU, built against XLA's
+Each loss is two XLA FFI custom calls on the CPU, built against XLA's
 FFI C header (vendored in third_party/): they compute the whole per-prefix
 loss (norms, diagonal and label-smoothing terms too) on XLA's buffers
 inside the jitted program, in shares of rows (one per CPU this process
@@ -47,6 +49,8 @@ from mrl_jax import native_library
 
 _FORWARD = 'mrl_contrastive_forward'
 _BACKWARD = 'mrl_contrastive_backward'
+_SIGMOID_FORWARD = 'mrl_sigmoid_forward'
+_SIGMOID_BACKWARD = 'mrl_sigmoid_backward'
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +66,7 @@ def _library():
   lib.mrl_contrastive_set_threads.argtypes = [ctypes.c_int]
   lib.mrl_contrastive_set_workspace_limit.argtypes = [ctypes.c_int64]
   lib.mrl_contrastive_workspace_bytes.restype = ctypes.c_int64
-  if not hasattr(lib, 'mrl_contrastive_ffi_forward'):
+  if not hasattr(lib, 'mrl_contrastive_ffi_forward') or not hasattr(lib, 'mrl_sigmoid_ffi_forward'):
     return None
   return lib
 
@@ -71,7 +75,9 @@ def _library():
 def _registered() -> bool:
   lib = check_available()
   for name, fn in ((_FORWARD, lib.mrl_contrastive_ffi_forward),
-                   (_BACKWARD, lib.mrl_contrastive_ffi_backward)):
+                   (_BACKWARD, lib.mrl_contrastive_ffi_backward),
+                   (_SIGMOID_FORWARD, lib.mrl_sigmoid_ffi_forward),
+                   (_SIGMOID_BACKWARD, lib.mrl_sigmoid_ffi_backward)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform='cpu')
   return True
 
@@ -168,3 +174,37 @@ def _loss_bwd(dims, eps, res, g):
 
 
 softmax_loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def sigmoid_loss(x, y, dims, scale, bias):
+  """The sigmoid contrastive loss of every prefix: [M] float32.
+
+  x, y [B, d] float32; dims the M increasing prefix lengths (<= d, M <= 64);
+  scale [M] the inverse temperatures, bias [M]. Per prefix, as
+  `matryoshka._sigmoid_fwd`: sum_ij softplus(-z_ij (l_ij + bias)) / B, l_ij
+  = <x_i[:m], y_j[:m]> scale / (|x_i[:m]| |y_j[:m]|), z = +1 on the diagonal
+  and -1 off it. Differentiable in x, y, scale and bias.
+  """
+  return _sigmoid_fwd(x, y, dims, scale, bias)[0]
+
+
+def _sigmoid_fwd(x, y, dims, scale, bias):
+  _registered()
+  m = len(dims)
+  shapes = (jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  loss, token = jax.ffi.ffi_call(_SIGMOID_FORWARD, shapes)(
+      x, y, jnp.asarray(dims, jnp.int32), scale, bias)
+  return loss, (x, y, scale, bias, token)
+
+
+def _sigmoid_bwd(dims, res, g):
+  x, y, scale, bias, token = res
+  f32 = jnp.float32
+  shapes = (jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(y.shape, f32),
+            jax.ShapeDtypeStruct(scale.shape, f32), jax.ShapeDtypeStruct(bias.shape, f32))
+  return jax.ffi.ffi_call(_SIGMOID_BACKWARD, shapes)(
+      x, y, jnp.asarray(dims, jnp.int32), scale, bias, jnp.asarray(g, f32), token)
+
+
+sigmoid_loss.defvjp(_sigmoid_fwd, _sigmoid_bwd)

@@ -496,13 +496,14 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
     label_smoothing: eps, for kind='softmax' only: the target of row i is
       (1 - eps) * onehot(i) + eps / B, in both directions.
     impl: 'xla' (default) computes the loss as XLA ops, which every backend
-      runs and shards. 'native' (kind='softmax', a build with the C
-      extension, the CPU backend) runs the B x B part as one fused CPU
-      kernel for all prefixes (`contrastive_native`, XLA FFI custom calls):
-      for training on a single CPU device, where at d = 768 it costs
-      1.13-1.16x XLA's one full-dim loss at B = 1024 and 0.90-0.93x at B =
-      4096, against 1.8-2.1x for 'xla' (benchmarks/contrastive_loss.py);
-      same values and gradients to float32 rounding.
+      runs and shards. 'native' (a build with the C extension, the CPU
+      backend) runs the B x B part as one fused CPU kernel for all prefixes
+      (`contrastive_native`, XLA FFI custom calls): for training on a single
+      CPU device, where at d = 768 it costs 1.13-1.18x XLA's one full-dim
+      loss at B = 1024 and 0.90-0.94x at B = 4096 for softmax (1.06-1.31x
+      and 0.91-0.96x for sigmoid), against 1.6-2.1x for 'xla'
+      (benchmarks/contrastive_loss.py); same values and gradients to
+      float32 rounding.
 
   The batch is whatever x and y hold: under jit with x and y sharded along
   the batch, XLA inserts the collectives and every prefix's loss is over the
@@ -532,10 +533,14 @@ def contrastive(x, y, nesting_dims, weights=None, *, kind: str = 'softmax',
 def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
   n = len(dims)
   inv_tau = 1.0 / _per_prefix(temperature, n)  # [M]
-  if impl == 'native':
-    return _softmax_native(x, y, dims, inv_tau, eps)
   if kind == 'sigmoid':
     bias = _per_prefix(bias, n)  # [M]
+  if impl == 'native':
+    if kind == 'sigmoid':
+      return contrastive_native.sigmoid_loss(
+          x.astype(jnp.float32), y.astype(jnp.float32), tuple(int(m) for m in dims), inv_tau,
+          bias)
+    return _softmax_native(x, y, dims, inv_tau, eps)
   losses = []
   # One prefix at a time: each [B, B] dots array is consumed by its own loss
   # right away. The losses below scale dots to logits dots * a_i * c_j inside
@@ -695,7 +700,7 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
     raise ValueError(
         f'contrastive: impl={impl!r} is unknown; use one of '
         f"{list(CONTRASTIVE_IMPLS)} ('xla': XLA ops on any backend, 'native': "
-        'the fused CPU kernel, softmax only).')
+        'the fused CPU kernel).')
   if kind not in CONTRASTIVE_KINDS:
     raise ValueError(
         f'contrastive: kind={kind!r} is unknown; use one of '
@@ -728,10 +733,6 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
         f'contrastive: label_smoothing={label_smoothing!r} must be a number '
         'in [0, 1), e.g. 0.0 (off) or 0.1.')
   if impl == 'native':
-    if kind != 'softmax':
-      raise ValueError(
-          f"contrastive: impl='native' computes kind='softmax' only, not "
-          f"kind={kind!r}; use impl='xla' for it.")
     if jax.default_backend() != 'cpu':
       raise ValueError(
           f"contrastive: impl='native' is a CPU kernel, but the default backend is "

@@ -64,9 +64,6 @@ def check_contrastive_config(config, mesh=None) -> None:
     raise ValueError(f"config.contrastive.impl={impl!r} is not one of "
                      f"{matryoshka.CONTRASTIVE_IMPLS}.")
   if impl == "native":
-    if kind != "softmax":
-      raise ValueError("config.contrastive.impl='native' computes the softmax loss only; "
-                       "use impl='xla' for kind='sigmoid'.")
     contrastive_native.check_available()
     devices = mesh.devices.size if mesh is not None else jax.device_count()
     if devices != 1 or jax.default_backend() != "cpu":
