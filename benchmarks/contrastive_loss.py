@@ -33,23 +33,25 @@ of `--kinds=softmax` (9 reps) with the final softmax kernel, native / full
   B = 1024:  1.14, 1.16, 1.13, 1.16, 1.18   (chunked 1.86-2.12; nesting 1.17-1.31)
   B = 4096:  0.93, 0.92, 0.90, 0.94, 0.90   (chunked 1.72-1.85; nesting 1.20-1.28)
 
-naive / full 2.4-3.1 in the same runs. Three runs of `--kinds=sigmoid`
-(the first before its log1p became a polynomial instead of a division,
-which timed the same in an A/B of the kernel), native / full (chunked /
-full; nesting):
+naive / full 2.4-3.1 in the same runs. Three runs of the whole benchmark
+(both kinds, 9 reps) with the final code, native / full (chunked / full;
+nesting):
 
-  B = 1024:  1.31, 1.18, 1.06   (chunked 2.03, 1.87, 1.57; nesting 1.41, 1.21, 1.28)
-  B = 4096:  0.96, 0.95, 0.91   (chunked 1.69, 1.61, 1.68; nesting 1.40, 1.51, 1.37)
+  softmax B = 1024:  1.04, 1.13, 1.08   (chunked 1.91, 2.25, 1.88; nesting 1.20, 1.20, 1.25)
+  softmax B = 4096:  0.89, 0.90, 0.88   (chunked 1.82, 1.88, 1.88; nesting 1.30, 1.29, 1.25)
+  sigmoid B = 1024:  1.15, 1.12, 1.20   (chunked 1.96, 1.92, 2.08; nesting 1.35, 1.26, 1.45)
+  sigmoid B = 4096:  0.91, 0.89, 0.89   (chunked 1.59, 1.67, 1.61; nesting 1.44, 1.33, 1.45)
 
-naive 2.6-3.4; its forward takes a softplus (an exp and a log1p
-polynomial) per logit and prefix, its backward a sigmoid (an exp and a
-division). At B = 4096 XLA's single full-dim
-loss maps ~270 MB of fresh temporaries per call (67k page faults) and
-takes its B x B passes through memory; the native kernel's own single
-full-dim loss takes ~0.75x its time there, so all 7 prefixes come in under
-it. The previous version of the kernel (ratio of medians, 5 reps) gave
-1.24-1.58 at B = 1024 and 1.10-1.25 at B = 4096; the changes since are
-listed below.
+naive / full 2.4-3.4. The sigmoid loss's forward takes a softplus (an exp
+and a log1p polynomial) per logit and prefix, its backward a sigmoid (an
+exp and a division), hence its larger nesting cost. At B = 4096 XLA's
+single full-dim loss maps ~270 MB of fresh temporaries per call (67k page
+faults) and takes its B x B passes through memory; the native kernel's own
+single full-dim loss takes ~0.75x its time there, so all 7 prefixes come
+in under it. The previous version of the softmax kernel (ratio of medians,
+5 reps) gave 1.24-1.58 at B = 1024 and 1.10-1.25 at B = 4096; the changes
+since are listed below. Before the native sigmoid kernel, XLA's chunked
+form was the only sigmoid one: 1.55-1.57.
 
 Smaller batches (one run each, d = 768), native against XLA's chunked form:
 B = 128: 2.6 / 4.3 ms against 4.0 / 3.4 (two runs), B = 256: 5.0 / 6.2

@@ -499,9 +499,9 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       runs and shards. 'native' (a build with the C extension, the CPU
       backend) runs the B x B part as one fused CPU kernel for all prefixes
       (`contrastive_native`, XLA FFI custom calls): for training on a single
-      CPU device, where at d = 768 it costs 1.13-1.18x XLA's one full-dim
-      loss at B = 1024 and 0.90-0.94x at B = 4096 for softmax (1.06-1.31x
-      and 0.91-0.96x for sigmoid), against 1.6-2.1x for 'xla'
+      CPU device, where at d = 768 it costs 1.04-1.18x XLA's one full-dim
+      loss at B = 1024 and 0.88-0.94x at B = 4096 for softmax (1.12-1.20x
+      and 0.89-0.91x for sigmoid), against 1.6-2.3x for 'xla'
       (benchmarks/contrastive_loss.py); same values and gradients to
       float32 rounding.
 
