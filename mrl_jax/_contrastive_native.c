@@ -135,11 +135,8 @@ INLINE v8f vlog1p01(v8f e) {
 INLINE v8f vabs(v8f v) { return (v8f)((v8i)v & 0x7fffffff); }
 INLINE v8f vpos(v8f v) { return (v8f)((v8i)v & (v8i)(v > 0.0f)); } /* max(v, 0) */
 
-/* softplus(v) = max(v, 0) + log1p(exp(-|v|)) (-inf: ~1e-38), and the exp */
-INLINE v8f vsoftplus(v8f v, v8f *e) {
-  *e = vexp2(vabs(v) * -LOG2E);
-  return vpos(v) + vlog1p01(*e);
-}
+/* softplus(v) = max(v, 0) + log1p(exp(-|v|)) (-inf: ~1e-38) */
+INLINE v8f vsoftplus(v8f v) { return vpos(v) + vlog1p01(vexp2(vabs(v) * -LOG2E)); }
 
 /* sigmoid(v) from v and e = exp(-|v|) */
 INLINE v8f vsigmoid(v8f v, v8f e) {
@@ -249,7 +246,7 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
       /* softplus(+-(l + bias)) summed: the diagonal's sign flipped (rows
        * < b: a padded row's -inf must not turn to +inf) */
       const int diag = i0 >= j0 && i0 < j0 + TJ;
-      v8f acc = {0}, ee;
+      v8f acc = {0};
 #define SIG(q)                                                                   \
   {                                                                              \
     PUT_DOTS(q)                                                                  \
@@ -257,7 +254,7 @@ INLINE void fwd_tile(const Fwd *F, int64_t ti, int64_t bj, int64_t k0, int64_t k
     v8f u0 = A##q##0 * (aq * c0) + (b0 + rq), u1 = A##q##1 * (aq * c1) + (b1 + rq); \
     v8f u2 = A##q##2 * (aq * c2) + (b2 + rq);                                    \
     if (diag && i0 + q < F->b) FLIP_LANE(i0 + q - j0, u0, u1, u2);               \
-    acc += (vsoftplus(u0, &ee) + vsoftplus(u1, &ee)) + vsoftplus(u2, &ee);       \
+    acc += (vsoftplus(u0) + vsoftplus(u1)) + vsoftplus(u2);                      \
   }
       FOR_TILE(SIG)
 #undef SIG
@@ -1440,15 +1437,19 @@ static int loss_backward(const float *x, const float *y, int64_t b, int64_t d,
   int rc = ga != NULL && dt != NULL ? 0 : -1;
   if (rc == 0 && dots == NULL) { /* recompute them (the same kernel: the same bits) */
     int64_t bytes = mrl_contrastive_dots_size(b, m);
-    float *tmp = malloc(sizeof(float) * 2 * m * b + sizeof(int32_t) * m);
-    double sums[MAX_PREFIXES];
     own = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    rc = own != NULL && tmp != NULL ? 0 : -1;
-    if (rc == 0)
-      rc = sigmoid ? mrl_sigmoid_forward(x, y, b, d, dims, m, S.a, S.c, bias, sums, own)
-                   : mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, tmp,
-                                             tmp + m * b, (int32_t *)(tmp + 2 * m * b), own);
-    free(tmp);
+    if (own == NULL) {
+      rc = -1;
+    } else if (sigmoid) {
+      double sums[MAX_PREFIXES];
+      rc = mrl_sigmoid_forward(x, y, b, d, dims, m, S.a, S.c, bias, sums, own);
+    } else { /* the log-sum-exps are the caller's: only the dots are kept */
+      float *tmp = malloc(sizeof(float) * 2 * m * b + sizeof(int32_t) * m);
+      rc = tmp != NULL ? mrl_contrastive_forward(x, y, b, d, dims, m, S.a, S.c, S.shift, tmp,
+                                                 tmp + m * b, (int32_t *)(tmp + 2 * m * b), own)
+                       : -1;
+      free(tmp);
+    }
     dots = own;
   }
   Tail T = {x, y, g, inv_tau, dims, b, d, m, eps, &S, dx, dy, ga, ga + m * b, dt, sigmoid};

@@ -536,11 +536,7 @@ def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
   if kind == 'sigmoid':
     bias = _per_prefix(bias, n)  # [M]
   if impl == 'native':
-    if kind == 'sigmoid':
-      return contrastive_native.sigmoid_loss(
-          x.astype(jnp.float32), y.astype(jnp.float32), tuple(int(m) for m in dims), inv_tau,
-          bias)
-    return _softmax_native(x, y, dims, inv_tau, eps)
+    return _native(x, y, dims, kind, inv_tau, bias, eps)
   losses = []
   # One prefix at a time: each [B, B] dots array is consumed by its own loss
   # right away. The losses below scale dots to logits dots * a_i * c_j inside
@@ -557,14 +553,17 @@ def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
   return jnp.stack(losses)
 
 
-def _softmax_native(x, y, dims, inv_tau, eps):
-  """The softmax loss of every prefix in the native CPU kernel: [M].
+def _native(x, y, dims, kind, inv_tau, bias, eps):
+  """Every prefix's loss in the native CPU kernel: [M].
 
-  `contrastive_native.softmax_loss` computes what `_softmax_fwd` does for
-  each prefix, norms and label smoothing included, as two XLA FFI calls.
+  `contrastive_native.softmax_loss` / `sigmoid_loss` compute what
+  `_softmax_fwd` / `_sigmoid_fwd` do for each prefix, norms and label
+  smoothing included, as two XLA FFI calls.
   """
-  return contrastive_native.softmax_loss(x.astype(jnp.float32), y.astype(jnp.float32),
-                                         tuple(int(m) for m in dims), inv_tau, float(eps))
+  x, y, dims = x.astype(jnp.float32), y.astype(jnp.float32), tuple(int(m) for m in dims)
+  if kind == 'sigmoid':
+    return contrastive_native.sigmoid_loss(x, y, dims, inv_tau, bias)
+  return contrastive_native.softmax_loss(x, y, dims, inv_tau, float(eps))
 
 
 def _scaled(dots, a, c):  # logits l_ij = dots_ij * a_i * c_j

@@ -156,9 +156,9 @@ class ContrastiveTask(_Task):
     _, aux = model(batch["image"], batch["text"], train=True)
     loss_params = model.loss_params()
     c = self.config.get("contrastive", {})
+    loss_params["impl"] = c.get("impl", "xla")
     if loss_params["kind"] == "softmax":
       loss_params["label_smoothing"] = c.get("label_smoothing", 0.0)
-      loss_params["impl"] = c.get("impl", "xla")
     per_dim = matryoshka.contrastive_per_dim(
         aux["embedding"], aux["text_embedding"], self.facts["head_dims"], **loss_params)
     extra = {"temperature": jnp.mean(loss_params["temperature"]),

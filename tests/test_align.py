@@ -396,7 +396,10 @@ def test_native_loss_steps_equal_xla_steps(caption_data, arg):
   xla, init = _train_steps(config, one, steps=3)
   native_config = align_config(caption_data, arg, **{"contrastive.impl": "native",
                                                     "optimizer.warmup_steps": 1})
+  contrastive_native.set_workspace_limit(0)  # frees what earlier calls left
+  contrastive_native.set_workspace_limit(2 << 30)
   native, _ = _train_steps(native_config, one, steps=3, init=init)
+  assert contrastive_native.workspace_bytes() > 0  # the native kernel ran
   assert xla[2]["temperature"] != xla[0]["temperature"]
   keys = ["loss", "loss_dim4", "loss_dim8", "loss_dim16", "temperature"]
   if "sigmoid" in arg:
