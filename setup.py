@@ -54,7 +54,9 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.7",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # libtpu compiles for TPU topologies on any Linux host (--mode=compile
+        # and its tests); on a TPU VM the [tpu] extra brings the same library.
+        "test": ["pytest>=8", "libtpu; platform_system == 'Linux'"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/knn.py compares the kNN search with FAISS

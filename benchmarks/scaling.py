@@ -66,7 +66,7 @@ def _setup(config, devices):
   task = tasks.get_task(config, facts)
   tx = train.build_optimizer(config, 1000)
   init_fn = lambda: task.init_state(tx)
-  abstract, shardings = train._abstract_state(init_fn, mesh)
+  abstract, shardings = train.abstract_train_state(init_fn, mesh)
   step = train.make_train_step(config, facts, task, tx, mesh, shardings)
   return mesh, init_fn, abstract, shardings, step
 

@@ -63,9 +63,13 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.dataset.label_key = None  # image-text pairs, no class labels
   config.dataset.text_key = "captions/text"
   config.dataset.num_classes = ml_collections.config_dict.placeholder(int)
+  # Split sizes (Karpathy's splits), for --mode=compile where the dataset is not prepared on the host.
+  config.dataset.num_examples = {"train": 82_783, "val": 5_000}
 
   config.text = ml_collections.ConfigDict()
   config.text.vocab_path = ml_collections.config_dict.placeholder(str)  # BERT vocab.txt
+  # BERT uncased's; only --mode=compile reads it, when vocab_path can't be read.
+  config.text.vocab_size = 30_522
   config.text.max_len = 64
   config.text.lowercase = True
   config.text.eval_captions = 5

@@ -30,6 +30,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.dataset.image_key = "image"
   config.dataset.label_key = "label"
   config.dataset.num_classes = 10
+  # Split sizes, for --mode=compile where the dataset is not prepared on the host.
+  config.dataset.num_examples = {"train": 60_000, "test": 10_000}
 
   config.input = ml_collections.ConfigDict()
   config.input.image_size = 28

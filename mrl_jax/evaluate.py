@@ -3,7 +3,7 @@
 Embeds the splits once (each process its slice, padded batches masked), then
 runs the evaluators named in `config.evals` on the gathered embeddings. Each
 evaluator returns `{metric: {dim: value}}`; the merged result is written as
-`results.json`, `report.md` and `accuracy_vs_dim.png` (schema: DESIGN.md) by
+`results.json`, `report.md` and `accuracy_vs_dim.png` (schema: docs/ARCHITECTURE.md) by
 `mrl_jax.report`.
 """
 from __future__ import annotations
@@ -39,6 +39,26 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def make_embed_step(task, *, with_logits: bool):
+  """Jitted `(params, rest, images [B, H, W, C]) -> (logits [M, B, C] | None, emb [B, d])`."""
+  with_logits = with_logits and task.has_logits
+
+  @jax.jit
+  def embed_step(params, rest, images):
+    logits, emb = task.embed_images(params, rest, images)
+    return (logits if with_logits else None), emb
+  return embed_step
+
+
+def make_embed_text_step(task):
+  """Jitted `(params, rest, ids [B, K, L]) -> [B, K, d]`: K captions per example."""
+  @jax.jit
+  def embed_text_step(params, rest, ids):
+    b, k, length = ids.shape
+    return task.embed_texts(params, rest, ids.reshape(b * k, length)).reshape(b, k, -1)
+  return embed_text_step
+
+
 def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
                 with_text: bool = False) -> dict[str, np.ndarray]:
   """Returns {'embedding': [N, d] f32, 'label': [N] int, 'logits': [M, N, C]?,
@@ -47,17 +67,8 @@ def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
   batch_size = config.get("eval_batch_size", config.batch_size)
   batch_sharding = sharding.batch_sharding(mesh)
   with_logits = with_logits and task.has_logits
-
-  @jax.jit
-  def forward(params, rest, images):
-    logits, emb = task.embed_images(params, rest, images)
-    return (logits if with_logits else None), emb
-
-  @jax.jit
-  def forward_text(params, rest, ids):  # [B, K, L] -> [B, K, d]
-    b, k, length = ids.shape
-    return task.embed_texts(params, rest, ids.reshape(b * k, length)).reshape(b, k, -1)
-
+  forward = make_embed_step(task, with_logits=with_logits)
+  forward_text = make_embed_text_step(task)
   outs = {"embedding": [], "label": [], "logits": [], "text_embedding": [], "text_mask": []}
   for batch in input_pipeline.create_eval_iterator(config, split, batch_size,
                                                    with_text=with_text):

@@ -21,7 +21,6 @@ Only process 0 writes; every process takes part in the embedding.
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 from typing import Any
@@ -142,7 +141,6 @@ def run_embed(config, workdir: str, *, split: str | None = None, dim: int | None
               normalize: bool = False, shard_size: int = DEFAULT_SHARD_SIZE) -> epath.Path:
   """Embeds `split` with the latest checkpoint in `workdir`; returns the output directory."""
   from mrl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mrl_jax import tasks  # pylint: disable=g-import-not-at-top
   from mrl_jax import train  # pylint: disable=g-import-not-at-top
 
   workdir = train._absolute(workdir)  # pylint: disable=protected-access
@@ -150,12 +148,7 @@ def run_embed(config, workdir: str, *, split: str | None = None, dim: int | None
   mesh = sharding.create_mesh(config.mesh)
   facts = train.check_config(config, mesh)
   dim = check_embed_options(config, facts, split=split, dim=dim, shard_size=shard_size)
-  task = tasks.get_task(config, facts)
-  total_steps = train.num_train_steps(
-      config, facts["dataset"].num_examples[config.dataset.train_split])
-  tx = train.build_optimizer(config, total_steps)
-  abstract_state, _ = train._abstract_state(  # pylint: disable=protected-access
-      functools.partial(task.init_state, tx), mesh, config.get("sharding_rules"))
+  task, _, _, abstract_state, _ = train.setup_state(config, facts, mesh)
   ckpt = train.checkpoint_lib.Checkpointer(workdir / "checkpoints")
   try:
     step, state = ckpt.restore_latest(abstract_state)

@@ -1,12 +1,17 @@
-r"""Entry point: train (then evaluate), evaluate, or export embeddings.
+r"""Entry point: train (then evaluate), evaluate, export embeddings, or compile for a TPU.
 
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR --mode=eval
   python -m mrl_jax.main --config=configs/fashion_mnist_vit.py --workdir=DIR --mode=embed \
       [--split=test] [--embed_dim=16] [--normalize] [--shard_size=1000000]
+  python -m mrl_jax.main --config=configs/imagenet_vit_b16.py --workdir=DIR --mode=compile \
+      --topology=v5e:4x4 [--num_slices=1]
 
 --mode=embed writes DIR/embeddings/SPLIT/{embeddings.npy, labels.npy, meta.json}
-(see mrl_jax/export.py). The whole reproduction (MRL, MRL-E, FF at every
+(see mrl_jax/export.py). --mode=compile compiles the train step and the
+evaluation programs for a TPU slice on this host (no chip, no dataset
+needed) and writes DIR/compile/report.json: memory per device, whether it
+fits, FLOPs, collectives (see mrl_jax/compile.py). The whole reproduction (MRL, MRL-E, FF at every
 dim, baselines, tables and plots) is `python -m mrl_jax.reproduce`.
 
 Any config field can be overridden: --config.batch_size=128. Re-running the
@@ -27,10 +32,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go "
                                "(local path or gs://).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "embed", "compile"],
                           "train: train (or resume) then evaluate; eval: evaluate the "
                           "latest checkpoint; embed: write a split's embeddings and labels "
-                          "to WORKDIR/embeddings/SPLIT/.")
+                          "to WORKDIR/embeddings/SPLIT/; compile: compile every program "
+                          "for --topology and write WORKDIR/compile/report.json.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile: a TPU slice, e.g. "
+                                "v4:2x2x1, v5e:4x4, v5p:2x2x2, v6e:4x4.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "--mode=compile: slices of --topology "
+                                   "(multislice).")
 _SPLIT = flags.DEFINE_string("split", None, "--mode=embed: the TFDS split to embed "
                              "(default config.dataset.eval_split).")
 _EMBED_DIM = flags.DEFINE_integer("embed_dim", None, "--mode=embed: keep the first this many "
@@ -61,6 +71,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # TFDS and TensorFlow must never claim an accelerator that JAX owns.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if _MODE.value == "compile":
+    _compile()
+    return
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif "TPU_ACCELERATOR_TYPE" in os.environ or "CLOUD_TPU_TASK_ID" in os.environ:
@@ -78,6 +91,18 @@ def main(argv):
     from mrl_jax import export  # pylint: disable=g-import-not-at-top
     export.run_embed(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value, dim=_EMBED_DIM.value,
                      normalize=_NORMALIZE.value, shard_size=_SHARD_SIZE.value)
+
+
+def _compile():
+  """--mode=compile: on this host, for a slice it is not part of (no distributed init)."""
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--mode=compile needs --topology, e.g. --topology=v5e:4x4.")
+  from mrl_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  try:
+    compile_lib.run(_CONFIG.value, _WORKDIR.value, topology=_TOPOLOGY.value,
+                    num_slices=_NUM_SLICES.value)
+  except (ValueError, RuntimeError) as e:  # bad input, no libtpu, does not fit
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluation outputs: results.json, report.md and plots.
 
 `write_outputs` writes what `mrl_jax.evaluate.evaluate` computed (schema:
-DESIGN.md) as `results.json`, a readable `report.md` (one table of every
+docs/ARCHITECTURE.md) as `results.json`, a readable `report.md` (one table of every
 per-dim metric, plus the adaptive / funnel / quantized sections) and
 `accuracy_vs_dim.png` (+ `adaptive.png`). `mrl_jax.reproduce` reuses the
 section tables and plots for its cross-method report.

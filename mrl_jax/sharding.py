@@ -116,9 +116,12 @@ def logical_spec(names, shape, mesh: jax.sharding.Mesh, rules=None, *,
   Each name maps to a mesh axis by `rules` (on top of DEFAULT_RULES); a mesh
   axis is used at most once per array and only where it divides the dim.
   Then, when the mesh has an 'fsdp' axis of size N > 1 that the array does
-  not use yet, the largest dim divisible by N is split over it (as
-  big_vision's FSDP rule does): parameters and optimizer state are stored
-  1/N per device and all-gathered by XLA where a computation needs them.
+  not use yet, a dim divisible by N is split over it: parameters and
+  optimizer state are stored 1/N per device and all-gathered by XLA where a
+  computation needs them. Of the dims that divide, the one whose shard fills
+  TPU memory tiles best (`_tiled_size`) is split, the largest on a tie (the
+  largest dim is big_vision's rule; splitting a [192, 768] kernel's 768
+  leaves 192-wide rows that a TPU pads to 256, which the other dim avoids).
   Arrays without names (scalars, counters) are only FSDP-split.
   """
   table = _rules(rules)
@@ -144,10 +147,31 @@ def logical_spec(names, shape, mesh: jax.sharding.Mesh, rules=None, *,
   if fsdp and n > 1 and "fsdp" not in used:
     free = [i for i, s in enumerate(shape) if spec[i] is None and s % n == 0]
     if free:
-      spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+      shard = [size // math.prod(mesh.shape[a] for a in _axes(spec[i]))
+               for i, size in enumerate(shape)]
+      def cost(i):
+        split = list(shard)
+        split[i] //= n
+        return _tiled_size(split), -shape[i], i
+      spec[min(free, key=cost)] = "fsdp"
   while spec and spec[-1] is None:  # P("fsdp", None) == P("fsdp") in effect
     spec.pop()
   return P(*spec)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _tiled_size(shape) -> int:
+  """Elements `shape` takes in TPU memory, whose tiles are 8 x 128 on the two
+  minor dims (a float32 [192, 192] array fills [192, 256])."""
+  if not shape:
+    return 1
+  *major, minor = shape
+  if major:
+    major[-1] = -(-major[-1] // 8) * 8
+  return math.prod(major) * (-(-minor // 128) * 128)
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):

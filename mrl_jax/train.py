@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from clu import metric_writers
@@ -38,8 +38,18 @@ from mrl_jax.data import prepare
 # ----------------------------------------------------------------------------
 # Config checks: every user mistake is reported before compute is spent.
 # ----------------------------------------------------------------------------
-def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
-  """Validates the config against the mesh and the dataset; returns facts."""
+def check_config(config: ml_collections.ConfigDict, mesh, *,
+                 dataset: prepare.DatasetSummary | None = None,
+                 vocab_size: int | None = None,
+                 process_count: int | None = None) -> dict[str, Any]:
+  """Validates the config against the mesh and the dataset; returns facts.
+
+  The dataset's facts (and the text vocabulary's size) are read from disk
+  unless given; `process_count` (default: this run's) is the number of hosts
+  the batch is split over. `--mode=compile` passes all three for a TPU slice
+  this host is not part of.
+  """
+  process_count = jax.process_count() if process_count is None else process_count
   nesting, weights = matryoshka.validate_nesting(
       config.mrl.nesting_dims, config.mrl.get("weights"),
       config.model.representation_size)
@@ -57,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   for field in ("batch_size", "eval_batch_size"):
     if field in config:
       input_pipeline.validate_batch_size(
-          config, sharding.num_batch_shards(mesh), jax.process_count(), field=field)
+          config, sharding.num_batch_shards(mesh), process_count, field=field)
   accum = config.get("grad_accum_steps", 1)
   shards = sharding.num_batch_shards(mesh)
   if not isinstance(accum, int) or accum < 1 or config.batch_size % (accum * shards):
@@ -66,13 +76,13 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         f"config.batch_size={config.batch_size} into microbatches divisible by the "
         f"{shards} data shards (batch_size % (grad_accum_steps * {shards}) == 0); "
         "e.g. --config.grad_accum_steps=1.")
-  info = prepare.check_config(config)
+  info = dataset or prepare.check_config(config)
   models.check_variant(config)
   facts = dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
                ff_dim=ff_dim, dataset=info)
   if config.dataset.get("text_key"):
     # Reads the vocabulary: a missing or malformed file fails here.
-    facts["vocab_size"] = input_pipeline.load_tokenizer(config).vocab_size
+    facts["vocab_size"] = vocab_size or input_pipeline.load_tokenizer(config).vocab_size
   evaluate.check_evals(config, facts)  # a bad eval config fails now, not after training
   return facts
 
@@ -213,12 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sharding = sharding.batch_sharding(mesh)
 
   # Model, optimizer, train state (initialised directly in its sharding).
-  task = tasks.get_task(config, facts)
-  tx = build_optimizer(config, total_steps)
+  task, tx, init_fn, abstract_state, state_sharding = setup_state(config, facts, mesh)
   schedule = build_schedule(config, total_steps)
-  init_fn = functools.partial(task.init_state, tx)
-  abstract_state, state_sharding = _abstract_state(
-      init_fn, mesh, config.get("sharding_rules"))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
                config.model.get("variant", ""), num_params / 1e6)
@@ -314,11 +320,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = _absolute(workdir)
   mesh = sharding.create_mesh(config.mesh)
   facts = check_config(config, mesh)
-  task = tasks.get_task(config, facts)
-  total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
-  tx = build_optimizer(config, total_steps)
-  abstract_state, _ = _abstract_state(functools.partial(task.init_state, tx), mesh,
-                                     config.get("sharding_rules"))
+  task, _, _, abstract_state, _ = setup_state(config, facts, mesh)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
   latest, state = ckpt.restore_latest(abstract_state)
   if latest is None:
@@ -338,7 +340,27 @@ def _absolute(workdir) -> epath.Path:
   return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
-def _abstract_state(init_fn, mesh, rules=None):
+class StateSetup(NamedTuple):
+  task: Any  # tasks.ClassificationTask | tasks.ContrastiveTask
+  tx: optax.GradientTransformation
+  init_fn: Any  # () -> train state
+  abstract_state: Any  # jax.ShapeDtypeStructs with their shardings
+  state_sharding: Any
+
+
+def setup_state(config, facts, mesh) -> StateSetup:
+  """Task, optimizer and the abstract train state with its shardings (nothing
+  allocated): what training, evaluation, export and compilation share."""
+  task = tasks.get_task(config, facts)
+  total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
+  tx = build_optimizer(config, total_steps)
+  init_fn = functools.partial(task.init_state, tx)
+  abstract_state, state_sharding = abstract_train_state(
+      init_fn, mesh, config.get("sharding_rules"))
+  return StateSetup(task, tx, init_fn, abstract_state, state_sharding)
+
+
+def abstract_train_state(init_fn, mesh, rules=None):
   """Shapes, dtypes and shardings of the train state, without allocating it.
 
   Shardings come from each variable's logical axis names under the config's

@@ -354,7 +354,7 @@ def _train_steps(config, devices=None, *, steps=2, init=None):
   task = tasks.get_task(config, facts)
   tx = train.build_optimizer(config, config.num_train_steps)
   init_fn = functools.partial(task.init_state, tx)  # as train.run: same program
-  _, shardings = train._abstract_state(init_fn, mesh)  # pylint: disable=protected-access
+  _, shardings = train.abstract_train_state(init_fn, mesh)
   step = train.make_train_step(config, facts, task, tx, mesh, shardings)
   batches = iter(input_pipeline.create_train_loader(config))
   out = []

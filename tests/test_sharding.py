@@ -31,6 +31,17 @@ def test_logical_spec_rules_and_fsdp():
   assert sharding.logical_spec(("embed",), (64,), mesh, fsdp=False) == P()
 
 
+def test_fsdp_splits_the_dim_whose_shards_fill_tpu_tiles():
+  mesh = _mesh(2, 4, 1)
+  # [192, 768] split 4 ways: [48, 768] rows stay 128-lane aligned; [192, 192]
+  # would be padded to [192, 256] on a TPU. The largest dim wins a tie.
+  assert sharding.logical_spec(("embed", "mlp"), (192, 768), mesh) == P("fsdp")
+  assert sharding.logical_spec(("mlp", "embed"), (768, 192), mesh) == P("fsdp")
+  assert sharding.logical_spec(None, (1024, 2048), mesh) == P(None, "fsdp")
+  assert sharding._tiled_size([192, 192]) == 192 * 256
+  assert sharding._tiled_size([3, 2, 64]) == 3 * 8 * 128
+
+
 def test_logical_spec_bad_rules():
   mesh = _mesh(2, 2, 2)
   with pytest.raises(ValueError, match=r"maps 'embed' to 'model'"):
@@ -57,7 +68,7 @@ def _losses(data_dir, mesh, devices=None, steps=20):
   task = tasks.get_task(config, facts)
   tx = train.build_optimizer(config, steps)
   init_fn = lambda: task.init_state(tx)
-  _, shardings = train._abstract_state(init_fn, mesh)
+  _, shardings = train.abstract_train_state(init_fn, mesh)
   step = train.make_train_step(config, facts, task, tx, mesh, shardings)
   batches = iter(train.input_pipeline.create_train_loader(config))
   losses = []
@@ -89,7 +100,7 @@ def test_fsdp_stores_each_parameter_once_across_devices(fake_dataset_dir):
   facts = train.check_config(config, mesh)
   task = tasks.get_task(config, facts)
   init_fn = lambda: task.init_state(train.build_optimizer(config, 10))
-  _, shardings = train._abstract_state(init_fn, mesh)
+  _, shardings = train.abstract_train_state(init_fn, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)()
   split = whole = 0
   for name in ("params", "opt_state"):

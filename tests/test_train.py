@@ -207,7 +207,7 @@ def test_restore_onto_another_mesh_is_exact(fake_dataset_dir, tmp_path):
   facts = train.check_config(config, mesh)
   task = tasks.get_task(config, facts)
   init_fn = lambda: task.init_state(train.build_optimizer(config, 3))
-  abstract, _ = train._abstract_state(init_fn, mesh)
+  abstract, _ = train.abstract_train_state(init_fn, mesh)
   ckpt = train.checkpoint_lib.Checkpointer(tmp_path / "checkpoints")
   step, state = ckpt.restore_latest(abstract)
   ckpt.close()

@@ -557,6 +557,41 @@ def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
   return start, start + base + (index < remainder)
 
 
+# ------------------------------------------------------ batch shapes only --
+
+
+def _image_shape(config, channels: int) -> tuple[int, int, int]:
+  return (*preprocess.image_hw(config.input.image_size), int(channels))
+
+
+def train_batch_spec(config, channels: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (global shape, dtype)} of the batches `create_train_loader` yields.
+
+  For programs built without reading data (`--mode=compile`); a test checks
+  it against a real batch.
+  """
+  b = config.batch_size
+  spec = {'image': ((b, *_image_shape(config, channels)), np.float32),
+          'label': ((b,), np.int32)}
+  if config.dataset.get('text_key'):
+    spec['text'] = ((b, config.text.max_len), np.int32)
+    spec['text_truncated'] = ((b,), np.int32)
+    spec['text_empty'] = ((b,), np.int32)
+  return spec
+
+
+def eval_batch_spec(config, channels: int, batch_size: int, *,
+                    with_text: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (global shape, dtype)} of the batches `create_eval_iterator` yields."""
+  spec = {'image': ((batch_size, *_image_shape(config, channels)), np.float32),
+          'label': ((batch_size,), np.int32), 'mask': ((batch_size,), np.int32)}
+  if with_text and config.dataset.get('text_key'):
+    k = config.get('text', {}).get('eval_captions', 5)
+    spec['text'] = ((batch_size, k, config.text.max_len), np.int32)
+    spec['text_mask'] = ((batch_size, k), np.int32)
+  return spec
+
+
 # ---------------------------------------------------------- global arrays --
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -321,18 +322,53 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   if uses_native(backend, mesh):
     # Inputs are the same on every process, so each computes all queries.
     return knn_native.search(queries, database, dims, k, db_mask, num_threads=num_threads)
-  if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), ("queries",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-  shards = mesh.devices.size
-  per_shard = -(-max(num_q, 1) // shards)
+  mesh = default_mesh() if mesh is None else mesh
+  plan = search_plan(num_q, n, len(dims), k, mesh.devices.size,
+                     db_chunk=db_chunk, query_chunk=query_chunk)
+
+  def pad_to(x, size):
+    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+  search = _sharded_search(mesh, dims=dims, k=k, db_chunk=plan.db_chunk,
+                           query_chunk=plan.query_chunk)
+  # Under our own mesh: a caller's context mesh (the trainer's, during a
+  # periodic or --mode=eval evaluation) would clash with the shard_map's.
+  with jax.set_mesh(mesh):
+    scores, indices = search(
+        _to_global(pad_to(queries, plan.num_queries), mesh, P(mesh.axis_names)),
+        _to_global(pad_to(database, plan.num_database), mesh, P()),
+        _to_global(pad_to(db_mask, plan.num_database), mesh, P()))
+  return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
+
+
+def default_mesh(devices=None) -> jax.sharding.Mesh:
+  """The 1-D mesh over `devices` (default: all) that queries are split over."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("queries",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class SearchPlan(NamedTuple):
+  """Blocking of one XLA search: rows per streamed block and padded sizes."""
+  db_chunk: int
+  query_chunk: int
+  num_queries: int  # queries padded to whole query chunks on every shard
+  num_database: int  # database rows padded to whole chunks
+
+
+def search_plan(num_queries: int, num_database: int, num_dims: int, k: int,
+                shards: int, *, db_chunk: int | None = None,
+                query_chunk: int | None = None) -> SearchPlan:
+  """The blocking `knn_search` uses (see its docstring for the defaults)."""
+  n = num_database
+  per_shard = -(-max(num_queries, 1) // shards)
   if k == 1:
     db_chunk = db_chunk or _TOP1_CHUNKS[0]
     query_chunk = query_chunk or _TOP1_CHUNKS[1]
   else:
     query_chunk = query_chunk or _TOPK_QUERY_CHUNK
     if not db_chunk:
-      rows = _TOPK_BUFFER_BYTES // (4 * len(dims) * min(query_chunk, per_shard))
+      rows = _TOPK_BUFFER_BYTES // (4 * num_dims * min(query_chunk, per_shard))
       db_chunk = max(_SUB_BLOCK, rows // _SUB_BLOCK * _SUB_BLOCK)
   db_chunk = max(1, int(db_chunk))
   if db_chunk >= n:  # one chunk: pad the database to whole groups (sub-blocks) only
@@ -340,21 +376,19 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
     db_chunk = -(-max(n, 1) // unit) * unit
   query_chunk = max(1, min(int(query_chunk), per_shard))
   per_shard = -(-per_shard // query_chunk) * query_chunk
+  return SearchPlan(db_chunk, query_chunk, per_shard * shards,
+                    max(1, -(-n // db_chunk)) * db_chunk)
 
-  def pad_to(x, size):
-    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
-  n_pad = max(1, -(-n // db_chunk)) * db_chunk
-  search = _sharded_search(mesh, dims=dims, k=k, db_chunk=db_chunk,
-                           query_chunk=query_chunk)
-  # Under our own mesh: a caller's context mesh (the trainer's, during a
-  # periodic or --mode=eval evaluation) would clash with the shard_map's.
-  with jax.set_mesh(mesh):
-    scores, indices = search(
-        _to_global(pad_to(queries, per_shard * shards), mesh, P(mesh.axis_names)),
-        _to_global(pad_to(database, n_pad), mesh, P()),
-        _to_global(pad_to(db_mask, n_pad), mesh, P()))
-  return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
+def search_program(mesh, d: int, dims, k: int, plan: SearchPlan):
+  """(jitted search, abstract inputs) of `plan`'s padded sizes, for `--mode=compile`."""
+  def spec(shape, dtype, partition):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, partition))
+  search = _sharded_search(mesh, dims=tuple(dims), k=k, db_chunk=plan.db_chunk,
+                           query_chunk=plan.query_chunk)
+  return search, (spec((plan.num_queries, d), jnp.float32, P(mesh.axis_names)),
+                  spec((plan.num_database, d), jnp.float32, P()),
+                  spec((plan.num_database,), jnp.bool_, P()))
 
 
 # ----------------------------------------------------------------------------

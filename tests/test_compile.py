@@ -1,0 +1,219 @@
+"""--mode=compile: the run's programs compiled for real TPU topologies by libtpu.
+
+Tiny models on small slices (v5e:2x2): seconds per program on a CPU host.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="--mode=compile needs libtpu: pip install "
+                    "-c constraints.txt '.[tpu]'")
+
+from configs import fashion_mnist_align  # noqa: E402
+from configs import fashion_mnist_vit  # noqa: E402
+from mrl_jax import compile as compile_lib  # noqa: E402
+from mrl_jax import sharding  # noqa: E402
+from mrl_jax import train  # noqa: E402
+from mrl_jax.data import input_pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes", "fits",
+          "flops_per_device", "flops_method", "step_time_lower_bound_s", "collectives"}
+
+
+def tiny_vit(**overrides):
+  """The demo config with a 2-block ViT: a train step compiles in a few seconds."""
+  config = fashion_mnist_vit.get_config("mrl")
+  config.model.variant = "Mu/7"
+  config.model.representation_size = 32
+  config.mrl.nesting_dims = (8, 16, 32)
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def test_demo_config_report(tmp_path):
+  """The shipped demo config as it is: every program, every field, sane values."""
+  config = fashion_mnist_vit.get_config("mrl")
+  report = compile_lib.run(config, tmp_path, topology="v5e:2x2")
+  assert json.loads((tmp_path / "compile" / "report.json").read_text()) == report
+  assert report["topology"] == "v5e:2x2" and report["num_slices"] == 1
+  assert report["num_devices"] == 4 and report["chip"] == "v5e"
+  assert report["hbm_bytes"] == 16 * 2**30
+  assert set(report["programs"]) == {"train_step", "embed_step", "knn_search"}
+  for name, p in report["programs"].items():
+    assert FIELDS <= set(p), name
+    assert p["peak_bytes"] == (p["argument_bytes"] + p["output_bytes"] + p["temp_bytes"]
+                               - p["alias_bytes"]) > 0
+    assert p["fits"] and p["flops_per_device"] > 0 and p["step_time_lower_bound_s"] > 0
+    assert set(p["collectives"]) == set(compile_lib.COLLECTIVES)
+  train_step = report["programs"]["train_step"]
+  assert train_step["flops_method"] == "xla"
+  # Data parallel: gradients are summed over the 4 chips; the donated state aliases.
+  assert train_step["collectives"]["all-reduce"] >= 1
+  assert train_step["alias_bytes"] > 0
+  # The kNN search streams the database in a loop: counted from the jaxpr.
+  assert report["programs"]["knn_search"]["flops_method"] == "analytic"
+
+
+def test_dual_encoder_report(tmp_path):
+  config = fashion_mnist_align.get_config("smoke")
+  config.model.image.variant = "Mu/7"
+  config.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  report = compile_lib.run(config, tmp_path, topology="v5e:2x2")
+  assert {"train_step", "embed_step", "embed_text_step"} <= set(report["programs"])
+  assert all(p["fits"] for p in report["programs"].values())
+
+
+def _mlp_step(mesh, batch, widths):
+  """An SGD step of a plain tanh MLP, and its abstract arguments."""
+  params = [jax.ShapeDtypeStruct((a, b), jnp.float32,
+                                 sharding=sharding.replicated(mesh))
+            for a, b in zip(widths, widths[1:])]
+  x = jax.ShapeDtypeStruct((batch, widths[0]), jnp.float32,
+                           sharding=sharding.batch_sharding(mesh))
+
+  def loss(ws, x):
+    for w in ws:
+      x = jnp.tanh(x @ w)
+    return jnp.mean(x ** 2)
+
+  @jax.jit
+  def step(ws, x):
+    grads = jax.grad(loss)(ws, x)
+    return [w - 0.1 * g for w, g in zip(ws, grads)]
+  return step, (params, x)
+
+
+def test_mlp_flops_equal_the_analytic_count():
+  """2 FLOPs per multiply-add; per layer 1 product forward, 2 backward (the
+  input's gradient and the weight's), except the first layer's input."""
+  devices = compile_lib.topology_devices("v5e:2x2")
+  mesh = sharding.create_mesh({"data": -1}, devices)
+  batch, widths = 1024, (512, 1024, 1024, 256)
+  step, args = _mlp_step(mesh, batch, widths)
+  got = compile_lib.measure(step, args, mesh, compile_lib.CHIPS["v5e"])
+  matmuls = sum(a * b for a, b in zip(widths, widths[1:]))
+  expected = (6 * batch * matmuls - 2 * batch * widths[0] * widths[1]) / len(devices)
+  assert got["flops_method"] == "xla"
+  assert got["flops_per_device"] == pytest.approx(expected, rel=0.02)
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+  assert compile_lib.analytic_flops(jaxpr, len(devices)) == pytest.approx(expected, rel=0.02)
+
+
+def test_loops_are_counted_unrolled_or_analytically(monkeypatch):
+  """A 10-trip loop: XLA alone would report 1/10 of the FLOPs."""
+  devices = compile_lib.topology_devices("v5e:2x2")
+  mesh = sharding.create_mesh({"data": -1}, devices)
+  w = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=sharding.replicated(mesh))
+  x = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  f = jax.jit(lambda x, w: jax.lax.fori_loop(0, 10, lambda i, c: c @ w, x))
+  expected = 10 * 2 * 1024 * 512 * 512 / 4
+  got = compile_lib.measure(f, (x, w), mesh, compile_lib.CHIPS["v5e"])
+  assert got["flops_method"] == "unrolled"
+  assert got["flops_per_device"] == pytest.approx(expected, rel=0.01)
+  monkeypatch.setattr(compile_lib, "MAX_UNROLLED_EQNS", 0)
+  got = compile_lib.measure(f, (x, w), mesh, compile_lib.CHIPS["v5e"])
+  assert got["flops_method"] == "analytic"
+  assert got["flops_per_device"] == pytest.approx(expected, rel=0.01)
+
+
+def _train_step_report(config, topology="v5e:2x2"):
+  devices = compile_lib.topology_devices(topology)
+  mesh = sharding.create_mesh(config.mesh, devices)
+  facts = train.check_config(config, mesh, dataset=compile_lib.dataset_facts(config),
+                             process_count=1)
+  fn, args, m = compile_lib.programs(config, facts, mesh)["train_step"]
+  return compile_lib.measure(fn, args, m, compile_lib.CHIPS[topology.split(":")[0]])
+
+
+def test_scan_layers_reports_the_flops_of_the_unrolled_model():
+  loop = _train_step_report(tiny_vit())
+  scan = _train_step_report(tiny_vit(**{"model.scan_layers": True}))
+  assert loop["flops_method"] == "xla" and scan["flops_method"] == "unrolled"
+  assert scan["flops_per_device"] == pytest.approx(loop["flops_per_device"], rel=0.01)
+
+
+def test_fsdp_splits_parameters_and_optimizer_state():
+  """From the compiled executables: argument bytes of params + optimizer state / 4.
+
+  Widths are multiples of 128, so that TPU memory tiles are full on every
+  shard (a 64-wide shard would be padded to 128 and blur the ratio).
+  """
+  tpu_shapes = {"model.width": 256, "model.depth": 2, "model.mlp_dim": 1024,
+                "model.num_heads": 2, "dataset.num_classes": 1024,
+                "model.representation_size": 256, "mrl.nesting_dims": (64, 128, 256)}
+  state_bytes = {}
+  for name, mesh in (("dp", {}), ("fsdp", {"mesh.data": 1, "mesh.fsdp": -1})):
+    config = tiny_vit(**tpu_shapes, **mesh)
+    devices = compile_lib.topology_devices("v5e:2x2")
+    mesh = sharding.create_mesh(config.mesh, devices)
+    facts = train.check_config(config, mesh, dataset=compile_lib.dataset_facts(config),
+                               process_count=1)
+    step, (state, batch), _ = compile_lib.programs(config, facts, mesh)["train_step"]
+    chip = compile_lib.CHIPS["v5e"]
+    batch_only = compile_lib.measure(jax.jit(lambda b: jax.tree.map(jnp.sum, b)), (batch,),
+                                     mesh, chip)
+    got = compile_lib.measure(step, (state, batch), mesh, chip)
+    state_bytes[name] = got["argument_bytes"] - batch_only["argument_bytes"]
+    if name == "fsdp":  # parameters are gathered where they are used
+      assert got["collectives"]["all-gather"] > 0
+  assert state_bytes["fsdp"] == pytest.approx(state_bytes["dp"] / 4, rel=0.03)
+
+
+def test_a_config_that_cannot_fit_exits_non_zero_with_the_fixes(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-m", "mrl_jax.main", "--config=configs/fashion_mnist_vit.py",
+       f"--workdir={tmp_path}", "--mode=compile", "--topology=v5e:2x2",
+       "--config.model.variant=Mu/7", "--config.batch_size=2097152",
+       "--config.evals.knn.type=linear"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode != 0, out.stderr[-2000:]
+  report = json.loads((tmp_path / "compile" / "report.json").read_text())
+  assert not report["programs"]["train_step"]["fits"]
+  assert "train_step" in out.stderr and "--config.mesh.fsdp=-1" in out.stderr
+  assert "--config.model.remat=True" in out.stderr and "grad_accum_steps" in out.stderr
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="v5e:4x4"):  # the list of known topologies
+    compile_lib.topology_devices("v5e:3x3")
+  with pytest.raises(ValueError, match="num_slices"):
+    compile_lib.topology_devices("v5e:2x2", 0)
+  devices = compile_lib.topology_devices("v5e:2x2")
+  with pytest.raises(ValueError, match="has 8 devices but 4 are available"):
+    sharding.create_mesh({"data": 8}, devices)
+  config = tiny_vit()
+  config.dataset.num_examples = {"train": 60_000}  # no eval split size
+  config.dataset.name = "no_such_dataset_anywhere"
+  with pytest.raises(ValueError, match=r"config\.dataset\.num_examples\.test.*config\.input"
+                                       r"\.channels"):
+    compile_lib.dataset_facts(config)
+
+
+def test_missing_libtpu_is_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails
+  with pytest.raises(RuntimeError, match=r"needs libtpu.*pip install"):
+    compile_lib.topology_devices("v5e:2x2")
+
+
+def test_train_batch_spec_matches_the_loader(fake_dataset_dir):
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config(fake_dataset_dir)
+  batch = next(iter(input_pipeline.create_train_loader(config)))
+  spec = input_pipeline.train_batch_spec(config, channels=1)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+  evals = next(iter(input_pipeline.create_eval_iterator(config, "test", 32)))
+  spec = input_pipeline.eval_batch_spec(config, 1, 32)
+  assert {k: (v.shape, v.dtype) for k, v in evals.items()} == {
+      k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
