@@ -52,12 +52,27 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 
 def create_mesh(mesh_config: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over `devices` (default: all).
+
+  On several TPU slices (multislice) the 'data' axis spans the slices, whose
+  links (DCN) are slower than the links inside a slice: only the gradient
+  reduction of data parallelism crosses them.
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(
-      shape, MESH_AXES,
-      axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-      devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % slices:
+    raise ValueError(
+        f"config.mesh={dict(zip(MESH_AXES, shape))} on {slices} slices: the 'data' axis "
+        f"spans the slices, so its size must be a multiple of {slices}. Fix: e.g. "
+        f"--config.mesh.data={slices} --config.mesh.fsdp=-1.")
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def num_batch_shards(mesh: jax.sharding.Mesh) -> int:

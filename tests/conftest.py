@@ -11,6 +11,9 @@ TEST_XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimi
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS.format(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# This process and the ones tests spawn may all compile for TPU topologies
+# (tests/test_compile.py); libtpu's lockfile would refuse the second.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mrl_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -140,6 +140,24 @@ def test_scan_layers_reports_the_flops_of_the_unrolled_model():
   scan = _train_step_report(tiny_vit(**{"model.scan_layers": True}))
   assert loop["flops_method"] == "xla" and scan["flops_method"] == "unrolled"
   assert scan["flops_per_device"] == pytest.approx(loop["flops_per_device"], rel=0.01)
+  # Two microbatches of 32 cost what one batch of 64 does.
+  accum = _train_step_report(tiny_vit(**{"grad_accum_steps": 2}))
+  assert accum["flops_method"] == "unrolled"
+  assert accum["flops_per_device"] == pytest.approx(loop["flops_per_device"], rel=0.01)
+
+
+def test_multislice_data_parallel_over_slices():
+  devices = compile_lib.topology_devices("v5e:2x2", num_slices=2)
+  assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+  mesh = sharding.create_mesh({"data": 2, "fsdp": -1}, devices)
+  # The 'data' axis spans the slices: each fsdp group lies inside one slice.
+  for row in mesh.devices.reshape(2, 4):
+    assert len({d.slice_index for d in row}) == 1
+  with pytest.raises(ValueError, match="multiple of 2"):
+    sharding.create_mesh({"data": 1, "fsdp": -1}, devices)
+  report = compile_lib.measure(*_mlp_step(mesh, 64, (128, 128)),
+                               mesh, compile_lib.CHIPS["v5e"])
+  assert report["fits"] and report["flops_per_device"] > 0
 
 
 def test_fsdp_splits_parameters_and_optimizer_state():

@@ -343,9 +343,10 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
 
 def default_mesh(devices=None) -> jax.sharding.Mesh:
   """The 1-D mesh over `devices` (default: all) that queries are split over."""
+  # Device order does not matter: the search communicates only its results.
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), ("queries",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), ("queries",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class SearchPlan(NamedTuple):

@@ -86,7 +86,9 @@ def _check_dual_encoder(config):
   if pool not in text.POOL_TYPES:
     raise ValueError(f"config.model.text.pool_type={pool!r} is not one of "
                      f"{text.POOL_TYPES}.")
-  if "text" not in config or not config.text.get("vocab_path"):
+  # The vocabulary itself is read (or, by --mode=compile, only sized) with the
+  # dataset's facts.
+  if "text" not in config or not config.text.get("max_len"):
     raise ValueError("config.model.name='dual_encoder' needs config.text.vocab_path "
                      "(a WordPiece vocab.txt) and config.text.max_len.")
 
