@@ -39,6 +39,10 @@ first 5k images of `val` and their 5 captions each. (The usual COCO 5k test
 set is Karpathy's split of val2014, which TFDS does not provide; for it,
 prepare a dataset of those images and set --config.dataset.eval_split.)
 
+Slice: a v5e:16x16 (256 chips, 64 pairs per chip) fits it data parallel
+without remat, and so does a v5e:8x16 with less headroom; check yours with
+`--mode=compile --topology=v5e:16x16` (figures: docs/results/tpu_compile.md).
+
 Variants: `:ff` (fixed-feature baseline: loss on the full 768 dims only),
 `:sigmoid` (SigLIP loss, t' = log 10, b = -10).
 """

@@ -16,6 +16,10 @@ erasing and stochastic depth, which this codebase does not implement yet);
 with Inception crop + flip only, ViT-B/16 overfits ImageNet-1k and lands
 several points lower, so treat 81.8 % as the upper reference.
 
+Fits a v5e:4x4 slice (16 chips) or a v4:2x2x4 data parallel at batch 1024,
+without remat: `--mode=compile --topology=v5e:4x4` (figures:
+docs/results/tpu_compile.md).
+
 Variants: `:mrl_e`, `:ff` (the fixed-feature baseline).
 """
 import ml_collections

@@ -23,6 +23,10 @@ and Mixup 0.2, which this codebase does not implement yet: with Inception
 crop + flip only, expect a few points less. Nesting: the ViT-B/16 list of the
 MRL paper halved, {6, 12, 24, 48, 96, 192, 384}, d = 384.
 
+Fits a v5e:2x2 slice (4 chips) data parallel at batch 1024; check a slice
+before renting it with `--mode=compile --topology=v5e:2x2` (figures:
+docs/results/tpu_compile.md).
+
 Variants: `:mrl_e`, `:ff` (the fixed-feature baseline).
 """
 import ml_collections
