@@ -3,8 +3,8 @@
 Embeds the splits once (each process its slice, padded batches masked), then
 runs the evaluators named in `config.evals` on the gathered embeddings. Each
 evaluator returns `{metric: {dim: value}}`; the merged result is written as
-`results.json`, `report.md` and `accuracy_vs_dim.png` (schema: docs/ARCHITECTURE.md) by
-`mrl_jax.report`.
+`results.json`, `report.md` and `accuracy_vs_dim.png` (schema:
+docs/ARCHITECTURE.md) by `mrl_jax.report`.
 """
 from __future__ import annotations
 

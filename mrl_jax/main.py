@@ -11,8 +11,9 @@ r"""Entry point: train (then evaluate), evaluate, export embeddings, or compile 
 (see mrl_jax/export.py). --mode=compile compiles the train step and the
 evaluation programs for a TPU slice on this host (no chip, no dataset
 needed) and writes DIR/compile/report.json: memory per device, whether it
-fits, FLOPs, collectives (see mrl_jax/compile.py). The whole reproduction (MRL, MRL-E, FF at every
-dim, baselines, tables and plots) is `python -m mrl_jax.reproduce`.
+fits, FLOPs, collectives (see mrl_jax/compile.py). The whole reproduction
+(MRL, MRL-E, FF at every dim, baselines, tables and plots) is
+`python -m mrl_jax.reproduce`.
 
 Any config field can be overridden: --config.batch_size=128. Re-running the
 same command in the same workdir resumes from the latest checkpoint.
