@@ -19,7 +19,7 @@ ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt mrl_jax/evaluators/_knn_native.c mrl_jax/_contrastive_native.c mrl_jax/_native_cpu.h third_party/xla/ffi/api/c_api.h
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

@@ -1,39 +1,12 @@
 """mrl_jax: Matryoshka Representation Learning in JAX/Flax."""
 import setuptools
 
-# The native CPU kNN search (mrl_jax/evaluators/knn_native.py), loaded with
-# ctypes. Optional: without a C compiler the install succeeds and the kNN
-# search runs as an XLA program everywhere.
-_KNN_NATIVE = setuptools.Extension(
-    "mrl_jax.evaluators._knn_native",
-    sources=["mrl_jax/evaluators/_knn_native.c"],
-    depends=["mrl_jax/_native_cpu.h"],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
-    optional=True,
-)
-
-# The fused native CPU contrastive loss (mrl_jax/contrastive_native.py), the
-# same way: optional, matryoshka.contrastive(..., impl='native') needs it. Its
-# XLA FFI handlers are built against XLA's C API header, vendored under
-# third_party/ (a stable ABI: no jaxlib needed at build time).
-_CONTRASTIVE_NATIVE = setuptools.Extension(
-    "mrl_jax._contrastive_native",
-    sources=["mrl_jax/_contrastive_native.c"],
-    depends=["mrl_jax/_native_cpu.h", "third_party/xla/ffi/api/c_api.h"],
-    include_dirs=["third_party"],
-    define_macros=[("MRL_WITH_XLA_FFI", "1")],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
-    extra_link_args=["-lpthread"],
-    optional=True,
-)
-
 setuptools.setup(
     name="mrl_jax",
     version="0.1.0",
     description="Matryoshka Representation Learning in JAX/Flax, from a CPU to a TPU pod.",
     packages=setuptools.find_packages(include=["mrl_jax", "mrl_jax.*"]),
     package_data={"mrl_jax.data": ["vocab/*.txt"]},
-    ext_modules=[_KNN_NATIVE, _CONTRASTIVE_NATIVE],
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.1",

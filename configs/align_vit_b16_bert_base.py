@@ -109,8 +109,6 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.contrastive.per_prefix = False
   config.contrastive.max_scale = 100.0 if kind == "softmax" else None
   config.contrastive.label_smoothing = 0.0
-  # 'native': the fused CPU kernel for either loss (one CPU device).
-  config.contrastive.impl = "xla"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "lamb"

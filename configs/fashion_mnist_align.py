@@ -79,8 +79,6 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.contrastive.max_scale = (
       100.0 if config.contrastive.kind == "softmax" else None)  # CLIP's clip
   config.contrastive.label_smoothing = 0.0
-  # 'native': the fused CPU kernel for either loss (one CPU device).
-  config.contrastive.impl = "xla"
   config.mrl.label_smoothing = 0.0
 
   if "smoke" not in args:

@@ -42,8 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrl_jax import contrastive_native
-
 MODES = ('mrl', 'mrl_e', 'ff')
 
 # Norms below this are treated as zero by `truncate` (no division by zero).
@@ -474,8 +472,7 @@ def prefix_cosines(x, y, nesting_dims) -> jax.Array:
 
 def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
                         temperature, bias=None,
-                        label_smoothing: float = 0.0,
-                        impl: str = 'xla') -> jax.Array:
+                        label_smoothing: float = 0.0) -> jax.Array:
   """Unweighted contrastive loss of every prefix: -> [M] float32.
 
   Args:
@@ -495,48 +492,37 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       scalar or one per prefix [M]. SigLIP starts at -10.
     label_smoothing: eps, for kind='softmax' only: the target of row i is
       (1 - eps) * onehot(i) + eps / B, in both directions.
-    impl: 'xla' (default) computes the loss as XLA ops, which every backend
-      runs and shards. 'native' (a build with the C extension, the CPU
-      backend) runs the B x B part as one fused CPU kernel for all prefixes
-      (`contrastive_native`, XLA FFI custom calls): for training on a single
-      CPU device, where at d = 768 it costs 1.04-1.18x XLA's one full-dim
-      loss at B = 1024 and 0.88-0.94x at B = 4096 for softmax (1.12-1.20x
-      and 0.89-0.91x for sigmoid), against 1.6-2.3x for 'xla'
-      (benchmarks/contrastive_loss.py); same values and gradients to
-      float32 rounding.
 
   The batch is whatever x and y hold: under jit with x and y sharded along
   the batch, XLA inserts the collectives and every prefix's loss is over the
   global B x B similarities. Math is float32 whatever the input dtype.
   """
   dims = _check_contrastive(x, y, nesting_dims, None, kind, temperature, bias,
-                            label_smoothing, impl)[0]
+                            label_smoothing)[0]
   return _contrastive_per_dim(x, y, dims, kind, temperature, bias,
-                              label_smoothing, impl)
+                              label_smoothing)
 
 
 def contrastive(x, y, nesting_dims, weights=None, *, kind: str = 'softmax',
                 temperature, bias=None,
-                label_smoothing: float = 0.0, impl: str = 'xla') -> jax.Array:
+                label_smoothing: float = 0.0) -> jax.Array:
   """Nested contrastive loss sum_m c_m * L_m(x[:, :m], y[:, :m]): a SUM.
 
   `weights` are the c_m (default all 1); everything else as
   `contrastive_per_dim`, which gives the [M] per-prefix losses to log.
   """
   dims, weights = _check_contrastive(x, y, nesting_dims, weights, kind,
-                                     temperature, bias, label_smoothing, impl)
+                                     temperature, bias, label_smoothing)
   per_dim = _contrastive_per_dim(x, y, dims, kind, temperature, bias,
-                                 label_smoothing, impl)
+                                 label_smoothing)
   return jnp.sum(jnp.asarray(weights, jnp.float32) * per_dim)
 
 
-def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
+def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps):
   n = len(dims)
   inv_tau = 1.0 / _per_prefix(temperature, n)  # [M]
   if kind == 'sigmoid':
     bias = _per_prefix(bias, n)  # [M]
-  if impl == 'native':
-    return _native(x, y, dims, kind, inv_tau, bias, eps)
   losses = []
   # One prefix at a time: each [B, B] dots array is consumed by its own loss
   # right away. The losses below scale dots to logits dots * a_i * c_j inside
@@ -551,19 +537,6 @@ def _contrastive_per_dim(x, y, dims, kind, temperature, bias, eps, impl='xla'):
     else:
       losses.append(_sigmoid_contrastive(dots, a, inv_y, bias[k]))
   return jnp.stack(losses)
-
-
-def _native(x, y, dims, kind, inv_tau, bias, eps):
-  """Every prefix's loss in the native CPU kernel: [M].
-
-  `contrastive_native.softmax_loss` / `sigmoid_loss` compute what
-  `_softmax_fwd` / `_sigmoid_fwd` do for each prefix, norms and label
-  smoothing included, as two XLA FFI calls.
-  """
-  x, y, dims = x.astype(jnp.float32), y.astype(jnp.float32), tuple(int(m) for m in dims)
-  if kind == 'sigmoid':
-    return contrastive_native.sigmoid_loss(x, y, dims, inv_tau, bias)
-  return contrastive_native.softmax_loss(x, y, dims, inv_tau, float(eps))
 
 
 def _scaled(dots, a, c):  # logits l_ij = dots_ij * a_i * c_j
@@ -689,17 +662,9 @@ def _per_prefix(value, n):  # scalar or [M] -> [M] float32
   return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (n,))
 
 
-CONTRASTIVE_IMPLS = ('xla', 'native')
-
-
 def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
-                       label_smoothing, impl='xla'):
+                       label_smoothing):
   """Validates `contrastive` arguments; returns (dims, weights)."""
-  if impl not in CONTRASTIVE_IMPLS:
-    raise ValueError(
-        f'contrastive: impl={impl!r} is unknown; use one of '
-        f"{list(CONTRASTIVE_IMPLS)} ('xla': XLA ops on any backend, 'native': "
-        'the fused CPU kernel).')
   if kind not in CONTRASTIVE_KINDS:
     raise ValueError(
         f'contrastive: kind={kind!r} is unknown; use one of '
@@ -731,16 +696,6 @@ def _check_contrastive(x, y, nesting_dims, weights, kind, temperature, bias,
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} must be a number '
         'in [0, 1), e.g. 0.0 (off) or 0.1.')
-  if impl == 'native':
-    if jax.default_backend() != 'cpu':
-      raise ValueError(
-          f"contrastive: impl='native' is a CPU kernel, but the default backend is "
-          f"{jax.default_backend()!r}; use impl='xla' there.")
-    if len(dims) > contrastive_native.MAX_PREFIXES:
-      raise ValueError(
-          f"contrastive: impl='native' takes at most {contrastive_native.MAX_PREFIXES} "
-          f"prefixes, not {len(dims)}; use impl='xla'.")
-    contrastive_native.check_available()
   if kind == 'sigmoid' and label_smoothing:
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} applies to '

@@ -19,7 +19,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from mrl_jax import contrastive_native
 from mrl_jax import matryoshka
 from mrl_jax import models
 
@@ -34,7 +33,7 @@ def is_contrastive(config) -> bool:
   return config.model.name == "dual_encoder"
 
 
-def check_contrastive_config(config, mesh=None) -> None:
+def check_contrastive_config(config) -> None:
   """Rejects contrastive options that don't apply, before any compute."""
   if not config.dataset.get("text_key"):
     raise ValueError(
@@ -47,6 +46,12 @@ def check_contrastive_config(config, mesh=None) -> None:
         "config.mrl.mode='mrl_e' ties classifier weights across dims; a dual "
         "encoder has no classifier. Use 'mrl' (a loss on every prefix) or 'ff'.")
   c = config.get("contrastive", {})
+  if "impl" in c:
+    raise ValueError(
+        f"config.contrastive.impl={c['impl']!r}: this field was removed. The native "
+        "CPU contrastive kernel is gone and XLA computes the loss on every backend; "
+        "delete contrastive.impl from the config (and do not pass "
+        "--config.contrastive.impl).")
   kind = c.get("kind", "softmax")
   if kind not in matryoshka.CONTRASTIVE_KINDS:
     raise ValueError(f"config.contrastive.kind={kind!r} is not one of "
@@ -59,18 +64,6 @@ def check_contrastive_config(config, mesh=None) -> None:
     raise ValueError(
         f"config.contrastive.label_smoothing={c.label_smoothing!r} applies only "
         "to kind='softmax'; set it to 0.0 for the sigmoid loss.")
-  impl = c.get("impl", "xla")
-  if impl not in matryoshka.CONTRASTIVE_IMPLS:
-    raise ValueError(f"config.contrastive.impl={impl!r} is not one of "
-                     f"{matryoshka.CONTRASTIVE_IMPLS}.")
-  if impl == "native":
-    contrastive_native.check_available()
-    devices = mesh.devices.size if mesh is not None else jax.device_count()
-    if devices != 1 or jax.default_backend() != "cpu":
-      raise ValueError(
-          "config.contrastive.impl='native' is a CPU kernel for one device, but this "
-          f"run has {devices} {jax.default_backend()} device(s) (several would each "
-          "compute the whole loss); use impl='xla' there.")
   if kind == "sigmoid" and c.get("max_scale") is not None:
     raise ValueError("config.contrastive.max_scale (CLIP's clip of the logit scale) "
                      "applies only to kind='softmax'.")
@@ -156,7 +149,6 @@ class ContrastiveTask(_Task):
     _, aux = model(batch["image"], batch["text"], train=True)
     loss_params = model.loss_params()
     c = self.config.get("contrastive", {})
-    loss_params["impl"] = c.get("impl", "xla")
     if loss_params["kind"] == "softmax":
       loss_params["label_smoothing"] = c.get("label_smoothing", 0.0)
     per_dim = matryoshka.contrastive_per_dim(

@@ -55,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
       config.model.representation_size)
   mode = config.mrl.mode
   if tasks.is_contrastive(config):
-    tasks.check_contrastive_config(config, mesh)
+    tasks.check_contrastive_config(config)
   ff_dim = config.mrl.get("ff_dim") or nesting[-1]
   head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
   if mode == "ff":

@@ -17,7 +17,6 @@ import pytest
 
 from configs import align_vit_b16_bert_base
 from configs import fashion_mnist_align
-from mrl_jax import contrastive_native
 from mrl_jax import sharding
 from mrl_jax import tasks
 from mrl_jax import train
@@ -384,34 +383,6 @@ def test_contrastive_step_on_8_devices_equals_one_device(caption_data):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
 
 
-@pytest.mark.skipif(not contrastive_native.available(),
-                    reason="the native contrastive loss was not built")
-@pytest.mark.parametrize("arg", ["smoke", "sigmoid,smoke"])
-def test_native_loss_steps_equal_xla_steps(caption_data, arg):
-  """config.contrastive.impl='native' (one CPU device): the same losses and
-  learned temperature (and sigmoid bias) as the XLA loss, step by step from
-  the same start."""
-  config = align_config(caption_data, arg, **{"optimizer.warmup_steps": 1})
-  one = jax.devices()[:1]
-  xla, init = _train_steps(config, one, steps=3)
-  native_config = align_config(caption_data, arg, **{"contrastive.impl": "native",
-                                                    "optimizer.warmup_steps": 1})
-  contrastive_native.set_workspace_limit(0)  # frees what earlier calls left
-  contrastive_native.set_workspace_limit(2 << 30)
-  native, _ = _train_steps(native_config, one, steps=3, init=init)
-  assert contrastive_native.workspace_bytes() > 0  # the native kernel ran
-  assert xla[2]["temperature"] != xla[0]["temperature"]
-  keys = ["loss", "loss_dim4", "loss_dim8", "loss_dim16", "temperature"]
-  if "sigmoid" in arg:
-    assert xla[2]["bias"] != xla[0]["bias"]
-    keys.append("bias")
-  for a, b in zip(native, xla):
-    for k in keys:
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
-  with pytest.raises(ValueError, match=r"impl='native' is a CPU kernel for one device"):
-    _check(native_config)  # the default mesh: 8 devices
-
-
 def test_ff_sigmoid_trains_the_full_dim_with_a_learned_bias(caption_data):
   """:ff and :sigmoid in one run (one compile): the fixed-feature baseline's
   loss is the full dim's only; SigLIP's bias and temperature are learned."""
@@ -568,7 +539,6 @@ def _check(config):
      r"config\.contrastive\.label_smoothing=0\.1"),
     ({"contrastive.kind": "sigmoid"}, ValueError, r"config\.contrastive\.max_scale"),
     ({"contrastive.kind": "hinge"}, ValueError, r"config\.contrastive\.kind='hinge'"),
-    ({"contrastive.impl": "cuda"}, ValueError, r"config\.contrastive\.impl='cuda'"),
     ({"evals.linear": {"type": "linear"}}, ValueError, r"config\.evals\.linear\.type='linear'"),
     ({"evals.zeroshot.class_names": ["cat", "dog", "car"]}, ValueError,
      r"config\.evals\.zeroshot\.class_names has 3 names but the dataset has 4 classes"),
@@ -579,6 +549,15 @@ def _check(config):
 def test_bad_config_is_rejected_before_compute(caption_data, overrides, error, match):
   config = align_config(caption_data, **overrides)
   with pytest.raises(error, match=match):
+    _check(config)
+
+
+@pytest.mark.parametrize("impl", ["native", "xla"])
+def test_removed_contrastive_impl_is_rejected(caption_data, impl):
+  """contrastive.impl is gone (XLA computes the loss everywhere): any value is refused."""
+  config = align_config(caption_data, **{"contrastive.impl": impl})
+  with pytest.raises(ValueError, match=rf"config\.contrastive\.impl='{impl}': this field was "
+                     r"removed.*delete contrastive\.impl from the config"):
     _check(config)
 
 

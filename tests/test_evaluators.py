@@ -7,46 +7,40 @@ from mrl_jax.evaluators import knn
 from tests import knn_reference
 
 
-@pytest.fixture(params=knn.BACKENDS[1:])
-def backend(request):
-  """Each search test runs on the native CPU search and on the XLA program."""
-  return request.param
-
-
 _brute_force = knn_reference.brute_force
 
 
 # ----------------------------------------------------------------------------
 # kNN search.
 # ----------------------------------------------------------------------------
-def test_hand_made_nearest_neighbour_changes_with_dim(backend):
+def test_hand_made_nearest_neighbour_changes_with_dim():
   database = np.array([[1.0, -3.0],   # dim 1: cos +1 with q0; dim 2: negative
                        [-1.0, 1.0],   # nearest to q1 at both dims
                        [0.5, 1.0]],   # dim 1: ties row 0 (lower index wins); dim 2: nearest to q0
                       np.float32)
   queries = np.array([[1.0, 1.0], [-1.0, 0.1]], np.float32)
   for k in (1, 2):  # the k = 1 fast path and the top-k path
-    scores, indices = knn.knn_search(queries, database, [1, 2], k, backend=backend)
+    scores, indices = knn.knn_search(queries, database, [1, 2], k)
     np.testing.assert_array_equal(indices[:, :, 0], [[0, 1], [2, 1]])
     np.testing.assert_allclose(scores[:, :, 0], [[1.0, 1.0],
                                                  [1.5 / np.sqrt(2 * 1.25), 1.1 / np.sqrt(2 * 1.01)]],
                                rtol=1e-6)
-  _, indices = knn.knn_search(queries, database, [1, 2], 2, backend=backend)
+  _, indices = knn.knn_search(queries, database, [1, 2], 2)
   np.testing.assert_array_equal(indices[0, 0], [0, 2])  # both score 1 at dim 1
   labels = np.array([0, 1, 2])
-  assert knn.knn_top1(queries, np.array([2, 1]), database, labels, [1, 2],
-                      backend=backend) == {1: 0.5, 2: 1.0}
+  assert knn.knn_top1(queries, np.array([2, 1]), database, labels,
+                      [1, 2]) == {1: 0.5, 2: 1.0}
 
 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("db_chunk, query_chunk", [(None, None), (64, 16), (37, 7), (1, 50), (1000, 1000)])
-def test_matches_brute_force(k, db_chunk, query_chunk, backend):
+def test_matches_brute_force(k, db_chunk, query_chunk):
   rng = np.random.default_rng(0)
   queries = rng.normal(size=(50, 24)).astype(np.float32)
   database = rng.normal(size=(203, 24)).astype(np.float32)
   dims = [4, 6, 8, 12, 16, 24]
   scores, indices = knn.knn_search(queries, database, dims, k,
-                                   db_chunk=db_chunk, query_chunk=query_chunk, backend=backend)
+                                   db_chunk=db_chunk, query_chunk=query_chunk)
   ref_scores, ref_indices = _brute_force(queries, database, dims, k)
   assert scores.shape == indices.shape == (len(dims), 50, k)
   np.testing.assert_array_equal(indices, ref_indices)
@@ -55,7 +49,7 @@ def test_matches_brute_force(k, db_chunk, query_chunk, backend):
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("db_chunk", [1, 4, 5, 100])
-def test_exact_duplicates_go_to_the_lowest_index(k, db_chunk, backend):
+def test_exact_duplicates_go_to_the_lowest_index(k, db_chunk):
   rng = np.random.default_rng(1)
   database = rng.normal(size=(20, 8)).astype(np.float32)
   query = rng.normal(size=(1, 8)).astype(np.float32)
@@ -63,35 +57,33 @@ def test_exact_duplicates_go_to_the_lowest_index(k, db_chunk, backend):
   # db_chunk=100) the same chunk; one scaled by 2 (an exact, equal cosine).
   for row, scale in ((3, 1.0), (7, 1.0), (11, 2.0)):
     database[row] = scale * query[0]
-  scores, indices = knn.knn_search(query, database, [2, 4, 8], k, db_chunk=db_chunk,
-                                   backend=backend)
+  scores, indices = knn.knn_search(query, database, [2, 4, 8], k, db_chunk=db_chunk)
   np.testing.assert_array_equal(indices[:, 0], [[3, 7, 11][:k]] * 3)
   np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_padding_rows_are_never_returned(k, backend):
+def test_padding_rows_are_never_returned(k):
   rng = np.random.default_rng(2)
   queries = rng.normal(size=(6, 8)).astype(np.float32)
   # Padding rows are exact copies of the queries: the best matches if unmasked.
   database = np.concatenate([rng.normal(size=(4, 8)), queries, np.zeros((3, 8))]).astype(np.float32)
   db_mask = np.array([1] * 4 + [0] * 9)
-  scores, indices = knn.knn_search(queries, database, [4, 8], k, db_chunk=3, db_mask=db_mask,
-                                   backend=backend)
+  scores, indices = knn.knn_search(queries, database, [4, 8], k, db_chunk=3, db_mask=db_mask)
   assert (np.asarray(indices) < 4).all()
   _, ref = _brute_force(queries, database[:4], [4, 8], k)
   np.testing.assert_array_equal(indices, ref)
   # Fewer valid rows than k: the extra slots are empty (-inf, -1).
-  scores, indices = knn.knn_search(queries, database, [8], 6, db_mask=db_mask, backend=backend)
+  scores, indices = knn.knn_search(queries, database, [8], 6, db_mask=db_mask)
   assert (np.asarray(indices)[..., 4:] == -1).all() and np.isneginf(scores[..., 4:]).all()
   assert (np.asarray(indices)[..., :4] >= 0).all()
 
 
-def test_bad_dims(backend):
+def test_bad_dims():
   x = np.ones((4, 8), np.float32)
   for dims in ([], [4, 2], [4, 4], [0, 8], [4, 9]):
     with pytest.raises(ValueError, match="strictly increasing"):
-      knn.knn_search(x, x, dims, 1, backend=backend)
+      knn.knn_search(x, x, dims, 1)
 
 
 # ----------------------------------------------------------------------------

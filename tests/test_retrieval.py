@@ -122,8 +122,7 @@ def test_metrics_bad_input():
     (7, 37, 5),         # groups of 1: plain top-k per chunk
     (3, 2048, 50),      # a chunk larger than the database
 ])
-@pytest.mark.parametrize("backend", knn.BACKENDS[1:])
-def test_search_and_metrics_match_brute_force(k, db_chunk, query_chunk, backend):
+def test_search_and_metrics_match_brute_force(k, db_chunk, query_chunk):
   rng = np.random.default_rng(0)
   queries = rng.normal(size=(50, 24)).astype(np.float32)
   database = rng.normal(size=(203, 24)).astype(np.float32)
@@ -131,7 +130,7 @@ def test_search_and_metrics_match_brute_force(k, db_chunk, query_chunk, backend)
   query_labels = rng.integers(0, 5, size=50)  # label 4: no relevant rows
   dims = [4, 6, 8, 12, 16, 24]
   _, indices = knn.knn_search(queries, database, dims, k, db_chunk=db_chunk,
-                              query_chunk=query_chunk, backend=backend)
+                              query_chunk=query_chunk)
   ref = _brute_force_indices(queries, database, dims, k)
   np.testing.assert_array_equal(indices, ref)
   ks = sorted({1, k // 2 + 1, k})
@@ -140,8 +139,7 @@ def test_search_and_metrics_match_brute_force(k, db_chunk, query_chunk, backend)
 
 
 @pytest.mark.parametrize("db_chunk", [None, 32, 48])
-@pytest.mark.parametrize("backend", knn.BACKENDS[1:])
-def test_exact_duplicates_across_groups_go_to_the_lowest_indices(db_chunk, backend):
+def test_exact_duplicates_across_groups_go_to_the_lowest_indices(db_chunk):
   rng = np.random.default_rng(1)
   database = rng.normal(size=(160, 8)).astype(np.float32)
   query = rng.normal(size=(1, 8)).astype(np.float32)
@@ -150,8 +148,7 @@ def test_exact_duplicates_across_groups_go_to_the_lowest_indices(db_chunk, backe
   copies = np.sort(rng.choice(160, size=30, replace=False))
   for n, row in enumerate(copies):
     database[row] = (2.0 if n % 3 == 0 else 1.0) * query[0]
-  scores, indices = knn.knn_search(query, database, [2, 8], 12, db_chunk=db_chunk,
-                                   backend=backend)
+  scores, indices = knn.knn_search(query, database, [2, 8], 12, db_chunk=db_chunk)
   np.testing.assert_array_equal(indices[:, 0], [copies[:12]] * 2)
   np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-6)
 
@@ -166,11 +163,9 @@ def test_sharded_equals_single_device():
                       axis_types=(jax.sharding.AxisType.Auto,))
   grid = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   for k in (1, 10):
-    single = knn.knn_search(queries, database, [4, 8, 16], k, db_mask=db_mask, mesh=one,
-                            backend="xla")
+    single = knn.knn_search(queries, database, [4, 8, 16], k, db_mask=db_mask, mesh=one)
     for mesh in (None, grid):  # all 8 devices, as a 1-D and a 2-D mesh
-      sharded = knn.knn_search(queries, database, [4, 8, 16], k, db_mask=db_mask, mesh=mesh,
-                               backend="xla")
+      sharded = knn.knn_search(queries, database, [4, 8, 16], k, db_mask=db_mask, mesh=mesh)
       np.testing.assert_array_equal(sharded[1], single[1])
       np.testing.assert_array_equal(sharded[0], single[0])
     assert (db_mask[single[1]]).all()

@@ -42,7 +42,6 @@ import time
 import numpy as np
 
 from mrl_jax.evaluators import knn
-from mrl_jax.evaluators import knn_native
 from mrl_jax.evaluators import retrieval
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -372,14 +371,8 @@ def funnel_search(queries, database, stages, k: int, *, field: str = "stages",
   (d0, k0), rest = stages[0], stages[1:]
   _, shortlist = knn.knn_search(queries, database, [d0], k0, **search_kwargs)
   shortlist = shortlist[0]
-  # The re-ranking runs where the search did: native code on CPU hosts.
-  native = knn.uses_native(search_kwargs.get("backend", "auto"), search_kwargs.get("mesh"))
   for m, size in rest:
-    if native:
-      shortlist = knn_native.rerank(queries, database, shortlist, m, size,
-                                    num_threads=search_kwargs.get("num_threads"))
-    else:
-      shortlist = _rerank(queries, database, shortlist, m, size)
+    shortlist = _rerank(queries, database, shortlist, m, size)
   return shortlist[:, :int(k)]
 
 

@@ -29,17 +29,12 @@ maxima, a gather of the k*16 rows of those groups and one `top_k` over them
 (merged with the running top-k) give the exact top-k. With the default chunk
 (as many rows as a 256 MiB score buffer holds) a 60k database is one chunk.
 
-On a CPU, `knn_search` runs the same search as native code instead
-(`knn_native`, backend='auto'): XLA cannot fuse the chunk matmuls with the
-per-dim reductions, so the program above writes and re-reads a score block
-per dim, while the C kernel keeps a tile of running dot products in
-registers and scores every dim as its chunk completes. `benchmarks/knn.py`
-(60k database rows x 10k queries, 2-core VM, all eval dims vs FAISS
-IndexFlatIP at the full dim only) measured the XLA program at 3.9x
-(d = 64, k = 1) and 17.5x (k = 100) FAISS's time, the native search at
-0.6-0.9x (d = 64, k = 1), 1.0-1.3x (d = 64, k = 100), 1.1-1.2x (d = 512,
-k = 1) and 1.35-1.5x (d = 512, k = 100); the figures are in the
-benchmark's docstring.
+This is one XLA program on every backend. On a CPU, XLA cannot fuse the
+chunk matmuls with the per-dim reductions, so it writes and re-reads a score
+block per dim: `benchmarks/knn.py` (60k database rows x 10k queries, 2-core
+VM, all eval dims vs FAISS IndexFlatIP at the full dim only) measured it at
+3.9x (d = 64, k = 1) and 17.5x (k = 100) FAISS's time; the figures are in
+the benchmark's docstring.
 
 Queries are split over the devices (`mesh`, default: all of them); each
 device holds the whole database and searches its queries without any
@@ -58,8 +53,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-
-from mrl_jax.evaluators import knn_native
 
 # Squared prefix norms are floored here, so zero prefixes score 0, not NaN
 # (the same floor as mrl_jax.matryoshka.truncate).
@@ -260,23 +253,9 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-BACKENDS = ("auto", "native", "xla")
-
-
-def uses_native(backend: str = "auto", mesh=None) -> bool:
-  """Whether `knn_search(..., backend=backend, mesh=mesh)` runs the native CPU search."""
-  if backend not in BACKENDS:
-    raise ValueError(f"kNN backend={backend!r} must be one of {list(BACKENDS)}.")
-  if backend == "auto":
-    devices = mesh.devices.flat if mesh is not None else jax.devices()
-    return knn_native.available() and all(dev.platform == "cpu" for dev in devices)
-  return backend == "native"
-
-
 def knn_search(queries, database, dims: Sequence[int], k: int, *,
                db_chunk: int | None = None, query_chunk: int | None = None,
-               db_mask=None, mesh: jax.sharding.Mesh | None = None,
-               backend: str = "auto", num_threads: int | None = None):
+               db_mask=None, mesh: jax.sharding.Mesh | None = None):
   """Exact top-k cosine neighbours of each query at every prefix dim.
 
   Args:
@@ -293,14 +272,6 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
     db_mask: optional [N] bool/0-1; rows with 0 (padding) are never returned.
     mesh: devices to split the queries over (all its axes); None = every
       device. Results do not depend on it.
-    backend: 'xla' runs the search as one XLA program over `mesh`; 'native'
-      runs the compiled CPU search (`knn_native`, threads over the queries;
-      db_chunk, query_chunk and mesh are then unused); 'auto' (default)
-      picks 'native' when every device is a CPU and the native search was
-      built, else 'xla'. Both return the same neighbours (up to float32
-      rounding of near-equal scores).
-    num_threads: CPU threads of the native search; None = every CPU this
-      process may use.
 
   Returns:
     NumPy scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k]
@@ -319,9 +290,6 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   num_q, n = queries.shape[0], database.shape[0]
   db_mask = (np.ones((n,), bool) if db_mask is None
              else np.asarray(db_mask).astype(bool).reshape(n))
-  if uses_native(backend, mesh):
-    # Inputs are the same on every process, so each computes all queries.
-    return knn_native.search(queries, database, dims, k, db_mask, num_threads=num_threads)
   mesh = default_mesh() if mesh is None else mesh
   plan = search_plan(num_q, n, len(dims), k, mesh.devices.size,
                      db_chunk=db_chunk, query_chunk=query_chunk)
