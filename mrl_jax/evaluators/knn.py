@@ -31,10 +31,8 @@ maxima, a gather of the k*16 rows of those groups and one `top_k` over them
 
 This is one XLA program on every backend. On a CPU, XLA cannot fuse the
 chunk matmuls with the per-dim reductions, so it writes and re-reads a score
-block per dim: `benchmarks/knn.py` (60k database rows x 10k queries, 2-core
-VM, all eval dims vs FAISS IndexFlatIP at the full dim only) measured it at
-3.9x (d = 64, k = 1) and 17.5x (k = 100) FAISS's time; the figures are in
-the benchmark's docstring.
+block per dim; `benchmarks/knn.py` times it against FAISS's exact search at
+the full dim.
 
 Queries are split over the devices (`mesh`, default: all of them); each
 device holds the whole database and searches its queries without any
