@@ -20,8 +20,11 @@ same command in the same workdir resumes from the latest checkpoint.
 Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I.
 """
+import glob
+import importlib.util
 import logging as std_logging
 import os
+import pathlib
 
 from absl import app
 from absl import flags
@@ -67,8 +70,34 @@ class _QuietLibraries(std_logging.Filter):
         p in record.pathname for p in self._PATHS)
 
 
+def _skip_absent_accelerators():
+  """Runs on the CPU where JAX has nothing else to find.
+
+  libtpu (installed for --mode=compile) makes JAX try to open a TPU on every
+  host, which prints errors where there is none. Without a TPU attached
+  (Google PCI devices, as JAX itself checks) and without a GPU plugin, the
+  CPU is the only backend anyway. An explicit JAX_PLATFORMS always wins.
+  """
+  if "JAX_PLATFORMS" in os.environ or os.environ.get("JAX_FORCE_TPU_INIT"):
+    return
+  if any(importlib.util.find_spec(p) for p in _GPU_PLUGINS):
+    return
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if pathlib.Path(vendor).read_text().strip() == "0x1ae0":  # Google: a TPU
+        return
+    except OSError:
+      continue
+  jax.config.update("jax_platforms", "cpu")
+
+
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
+                "jax_rocm60_plugin")
+
+
 def main(argv):
   del argv
+  _skip_absent_accelerators()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # TFDS and TensorFlow must never claim an accelerator that JAX owns.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
