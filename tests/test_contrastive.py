@@ -46,7 +46,7 @@ def _naive_per_dim(x, y, dims, kind, temperature, bias, eps):
 
 
 def _numpy_per_dim(x, y, dims, kind, tau, bias, eps=0.0):
-  """The DESIGN.md formulas transcribed into float64 NumPy."""
+  """The docs/ARCHITECTURE.md formulas transcribed into float64 NumPy."""
   x, y = x.astype(np.float64), y.astype(np.float64)
   tau, bias = np.broadcast_to(tau, len(dims)), np.broadcast_to(bias, len(dims))
 
@@ -155,7 +155,7 @@ def test_matches_naive_per_prefix_loss_and_grads(kind):
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     _assert_grads_close(grads, want_grads)
     assert all(np.all(g != 0) for g in grads[2:])  # temperature, bias
-    # The formulas of DESIGN.md, transcribed into float64 NumPy.
+    # The formulas of docs/ARCHITECTURE.md, transcribed into float64 NumPy.
     per_dim = got['per_dim']
     assert per_dim.shape == (len(DIMS),) and per_dim.dtype == jnp.float32
     np.testing.assert_allclose(per_dim, want_per_dim, rtol=1e-5)
