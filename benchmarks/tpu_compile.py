@@ -17,7 +17,8 @@ Parts, each printed side by side:
           over the prefixes, B = 16,384, d = 768, 7 prefixes, batch over v5e:4x4.
   configs Every shipped config on one or two topologies: the README's table.
 
-Writes everything to --out (docs/results/tpu_compile.md); --update_readme
+Writes each part's section of --out (docs/results/tpu_compile.md; parts not
+run keep their last text); --update_readme
 replaces the README's table between its markers with the `configs` part.
 Takes ~10 minutes on 2 cores (mostly compiling the ViT-B/16 programs).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -45,11 +47,15 @@ from configs import imagenet_vit_s16  # noqa: E402
 from mrl_jax import compile as compile_lib  # noqa: E402
 from mrl_jax import matryoshka  # noqa: E402
 from mrl_jax import sharding  # noqa: E402
-from mrl_jax import train  # noqa: E402
 
 README_BEGIN = "<!-- tpu_compile: configs table (benchmarks/tpu_compile.py --update_readme) -->"
 README_END = "<!-- /tpu_compile -->"
 GB = 1e9
+
+
+def gflop(flops: float) -> str:
+  """GFLOP with 3 decimals below 10, else 1: tiny configs are not shown as 0."""
+  return f"{flops / 1e9:.3f}" if flops < 1e10 else f"{flops / 1e9:.1f}"
 
 
 _COMPILED: dict = {}
@@ -64,16 +70,9 @@ def compile_config(config, topology: str) -> dict:
 
 
 def _compile_config(config, topology: str) -> dict:
-  devices = compile_lib.topology_devices(topology)
-  chip = compile_lib.chip_of(topology)
-  mesh = sharding.create_mesh(config.mesh, devices)
-  facts = train.check_config(
-      config, mesh, dataset=compile_lib.dataset_facts(config),
-      vocab_size=compile_lib.vocab_size(config),
-      process_count=len({d.process_index for d in devices}))
-  programs = {name: compile_lib.measure(fn, args, m, chip)
-              for name, (fn, args, m) in compile_lib.programs(config, facts, mesh).items()}
-  return {"mesh": dict(mesh.shape), "programs": programs, "chip": chip}
+  report = compile_lib.compile_report(config, topology)
+  return {"mesh": report["mesh"], "programs": report["programs"],
+          "chip": compile_lib.chip_of(topology)}
 
 
 def table(header, rows) -> str:
@@ -118,13 +117,13 @@ def part_align() -> str:
       out = compile_config(config, topology)
       for name, p in out["programs"].items():
         rows.append((topology, label, name, f"{p['peak_bytes'] / GB:.2f} / {hbm:.0f}",
-                     "yes" if p["fits"] else "NO", f"{p['flops_per_device'] / 1e12:.3f}",
+                     "yes" if p["fits"] else "NO", gflop(p["flops_per_device"]),
                      f"{1e3 * p['step_time_lower_bound_s']:.1f}"))
       if all(p["fits"] for p in out["programs"].values()):
         break
   return ("configs/align_vit_b16_bert_base.py (global batch 16384), per device; on each "
           "slice the first setting that fits ends its list:\n\n"
-          + table(("topology", "setting", "program", "peak GB / HBM GiB", "fits", "TFLOP",
+          + table(("topology", "setting", "program", "peak GB / HBM GiB", "fits", "GFLOP",
                    "bound ms"), rows))
 
 
@@ -193,11 +192,11 @@ def part_configs() -> str:
       for name, p in out["programs"].items():
         rows.append((f"`{path.split('/')[-1]}`", topology, name,
                      f"{p['peak_bytes'] / GB:.2f} / {hbm:.0f}", "yes" if p["fits"] else "NO",
-                     f"{p['flops_per_device'] / 1e12:.3f}",
+                     gflop(p["flops_per_device"]),
                      f"{1e3 * p['step_time_lower_bound_s']:.2f}"))
   return ("Shipped configs as they are (default mesh: data parallel), per device:\n\n"
           + table(("config", "topology", "program", "peak GB / HBM GiB", "fits",
-                   "TFLOP", "bound ms"), rows))
+                   "GFLOP", "bound ms"), rows))
 
 
 PARTS = {"mrl": part_mrl, "align": part_align, "loss": part_loss, "configs": part_configs}
@@ -206,8 +205,8 @@ PARTS = {"mrl": part_mrl, "align": part_align, "loss": part_loss, "configs": par
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--only", choices=sorted(PARTS), action="append")
-  parser.add_argument("--out", default=None, help="Markdown file for the output; default "
-                      "docs/results/tpu_compile.md when every part runs.")
+  parser.add_argument("--out", default=str(REPO / "docs" / "results" / "tpu_compile.md"),
+                      help="Markdown file whose sections the parts run replace.")
   parser.add_argument("--update_readme", action="store_true")
   args = parser.parse_args()
   sections = {}
@@ -215,12 +214,16 @@ def main():
     t0 = time.perf_counter()
     sections[name] = PARTS[name]()
     print(sections[name] + f"\n\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
-  out = args.out or (None if args.only else REPO / "docs" / "results" / "tpu_compile.md")
-  if out:
-    text = ("# Compiled for TPU slices\n\nGenerated by `python benchmarks/tpu_compile.py` "
-            f"(libtpu, jax {jax.__version__}); every figure is per device.\n\n"
-            + "\n\n".join(sections.values()) + "\n")
-    pathlib.Path(out).write_text(text)
+  out = pathlib.Path(args.out)
+  # Parts not run this time keep the text of their last run.
+  kept = dict(re.findall(r"^## (\w+)\n\n(.*?)(?=^## |\Z)", out.read_text(), re.M | re.S)
+              ) if out.exists() else {}
+  kept = {k: v.strip() for k, v in kept.items()}
+  kept.update(sections)
+  out.write_text(
+      "# Compiled for TPU slices\n\nGenerated by `python benchmarks/tpu_compile.py` "
+      f"(libtpu, jax {jax.__version__}); every figure is per device.\n\n"
+      + "\n\n".join(f"## {k}\n\n{kept[k]}" for k in PARTS if k in kept) + "\n")
   if args.update_readme and "configs" in sections:
     readme = REPO / "README.md"
     text = readme.read_text()

@@ -414,8 +414,7 @@ def programs(config, facts, mesh) -> dict[str, tuple[Callable, tuple, Any]]:
       (state, _abstract(input_pipeline.train_batch_spec(config, channels), batch_sharding)),
       mesh)}
   eval_batch = config.get("eval_batch_size", config.batch_size)
-  with_text = any(c.get("type") in ("image_text", "zeroshot")
-                  for c in (config.get("evals") or {}).values())
+  with_text = evaluate.embeds_captions(config)
   batch = _abstract(input_pipeline.eval_batch_spec(config, channels, eval_batch,
                                                    with_text=with_text), batch_sharding)
   out["embed_step"] = (evaluate.make_embed_step(task, with_logits=True),
@@ -460,7 +459,7 @@ def _fixes(config, name: str) -> list[str]:
   return fixes
 
 
-def run(config, workdir, *, topology: str, num_slices: int = 1) -> dict[str, Any]:
+def compile_report(config, topology: str, num_slices: int = 1) -> dict[str, Any]:
   """Compiles the run of `config` for `num_slices` x `topology`; returns the report."""
   devices = topology_devices(topology, num_slices)
   chip = chip_of(topology)
@@ -475,6 +474,14 @@ def run(config, workdir, *, topology: str, num_slices: int = 1) -> dict[str, Any
   for name, (fn, args, program_mesh) in programs(config, facts, mesh).items():
     logging.info("Compiling %s for %s x %d", name, topology, num_slices)
     report["programs"][name] = measure(fn, args, program_mesh, chip)
+  return report
+
+
+def run(config, workdir, *, topology: str, num_slices: int = 1) -> dict[str, Any]:
+  """`compile_report`, written to WORKDIR/compile/report.json and printed;
+  raises `DoesNotFit` (after writing) when a program needs more than the HBM."""
+  report = compile_report(config, topology, num_slices)
+  chip = chip_of(topology)
   outdir = epath.Path(workdir) / "compile"
   outdir.mkdir(parents=True, exist_ok=True)
   (outdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -59,6 +59,11 @@ def make_embed_text_step(task):
   return embed_text_step
 
 
+def embeds_captions(config) -> bool:
+  """Whether evaluation embeds the eval split's captions (image-text retrieval)."""
+  return any(cfg.get("type") == "image_text" for cfg in (config.get("evals") or {}).values())
+
+
 def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
                 with_text: bool = False) -> dict[str, np.ndarray]:
   """Returns {'embedding': [N, d] f32, 'label': [N] int, 'logits': [M, N, C]?,
@@ -571,7 +576,7 @@ def evaluate(config, facts, task, state, mesh, *, step: int,
   splits: dict[str, Any] = {"eval_split": config.dataset.eval_split}
   if "eval" in needed:
     splits["eval"] = embed_split(config, task, state, mesh, config.dataset.eval_split,
-                                 with_logits=True, with_text="image_text" in types)
+                                 with_logits=True, with_text=embeds_captions(config))
     # Labels the heads cannot predict fail here, before any other work.
     for name, cfg in evals.items():
       if cfg["type"] in _NEEDS_HEADS and "logits" in splits["eval"]:
