@@ -316,6 +316,14 @@ def _set_cols(v, update, start, axis):
   return jax.lax.dynamic_update_slice_in_dim(v, update, start, axis)
 
 
+def _recomputed(y_s):
+  # The gradient recomputes the forward's dots. In one program with the
+  # loops unrolled (as `mrl_jax.compile` counts FLOPs) XLA would merge the
+  # two and the recompute would look free; the barrier keeps them apart, as
+  # the loops do.
+  return jax.lax.optimization_barrier(y_s)
+
+
 def _lse(l, axis):
   top = jnp.max(l, axis=axis, keepdims=True)  # logits are finite
   return jnp.squeeze(top, axis) + jnp.log(jnp.sum(jnp.exp(l - top), axis=axis))
@@ -383,7 +391,7 @@ def _softmax_bwd(plan, res, cotangents):
     y_blk, c_blk, lse_c_blk, g_c_blk = data
 
     def block(grads, start, size):
-      y_s = _cols(y_blk, start, size, 0)
+      y_s = _recomputed(_cols(y_blk, start, size, 0))
       c_s, lc_s, gc_s = (_cols(v, start, size, 1)
                          for v in (c_blk, lse_c_blk, g_c_blk))
       dots = _dots(plan.dims, x, y_s)
@@ -450,7 +458,8 @@ def _sigmoid_bwd(plan, res, g_total):
 
     def block(carry, start, size):
       grads, g_bias = carry
-      y_s, c_s = _cols(y_blk, start, size, 0), _cols(c_blk, start, size, 1)
+      y_s = _recomputed(_cols(y_blk, start, size, 0))
+      c_s = _cols(c_blk, start, size, 1)
       dots = _dots(plan.dims, x, y_s)
       l = dots * (a[:, :, None] * c_s[:, None, :])
       v = _flip_diagonal(s, start, l + bias[:, None, None])
