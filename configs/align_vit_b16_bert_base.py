@@ -109,6 +109,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.contrastive.per_prefix = False
   config.contrastive.max_scale = 100.0 if kind == "softmax" else None
   config.contrastive.label_smoothing = 0.0
+  # Columns per block of the blocked loss (memory and speed only; None = the
+  # largest power of two whose [prefixes, local batch, block] tile fits 16 MiB).
+  config.contrastive.block_size = ml_collections.config_dict.placeholder(int)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "lamb"

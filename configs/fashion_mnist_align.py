@@ -78,6 +78,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.contrastive.max_scale = (
       100.0 if config.contrastive.kind == "softmax" else None)  # CLIP's clip
   config.contrastive.label_smoothing = 0.0
+  # Columns per block of the blocked loss (memory and speed only; None = the
+  # largest power of two whose [prefixes, local batch, block] tile fits 16 MiB).
+  config.contrastive.block_size = ml_collections.config_dict.placeholder(int)
   config.mrl.label_smoothing = 0.0
 
   if "smoke" not in args:

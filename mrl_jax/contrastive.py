@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mrl_jax import contrastive_kernels
 from mrl_jax import matryoshka
 from mrl_jax import sharding
 
@@ -53,6 +54,11 @@ CONTRASTIVE_KINDS = ('softmax', 'sigmoid')
 # matmuls of a block keep the MXU busy.
 _TILE_ELEMENTS = 2**22
 _MIN_BLOCK = 128
+
+# Where the Pallas kernels of `contrastive_kernels` run: 'tpu' (on TPU, when
+# a kernel tile divides the local batch; XLA's blocked form elsewhere),
+# 'interpret' (everywhere, interpreted: for tests) or 'never'.
+KERNELS = 'tpu'
 
 
 def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
@@ -308,6 +314,19 @@ def _over_blocks(plan, width, fn, carry):
   return carry
 
 
+def _pick(b, xla_step, kernel_step):
+  """The ring step to run: `kernel_step` (Pallas) on TPU, else `xla_step`."""
+  if KERNELS == 'never' or contrastive_kernels.tile_for(b) is None:
+    return xla_step
+  if KERNELS == 'interpret':
+    return functools.partial(kernel_step, interpret=True)
+
+  def step(s, acc, data, res):
+    return jax.lax.platform_dependent(s, acc, data, res, tpu=kernel_step,
+                                      default=xla_step)
+  return step
+
+
 def _cols(v, start, size, axis):
   return jax.lax.dynamic_slice_in_dim(v, start, size, axis)
 
@@ -344,6 +363,10 @@ def _tile_grads(plan, x, y_s, a, c_s, dots, g, start, grads):
   return (gx + dx, ga), (gy, gc)
 
 
+def _add(tree, other):
+  return jax.tree.map(jnp.add, tree, other)
+
+
 def _grad_zeros(x, a):
   rows = (jnp.zeros(x.shape, jnp.float32), jnp.zeros_like(a))
   return rows, jax.tree.map(jnp.zeros_like, rows)
@@ -376,8 +399,16 @@ def _softmax_fwd(plan, x, y, a, c):
 
     return _over_blocks(plan, y_blk.shape[0], block, (lse_r, lse_c))
 
+  def kernel_step(s, lse_r, data, lse_c, interpret=False):
+    y_blk, c_blk = data
+    rows, cols = contrastive_kernels.forward(
+        plan.dims, 'softmax', s, x, y_blk, a, c_blk, jnp.zeros(a.shape[0]),
+        interpret=interpret)
+    return jnp.logaddexp(lse_r, rows), jnp.logaddexp(lse_c, cols)
+
   init = jnp.full(a.shape, -jnp.inf, jnp.float32)
-  lse_r, lse_c = _ring(plan, step, init, (y, c), init)
+  lse_r, lse_c = _ring(plan, _pick(x.shape[0], step, kernel_step), init,
+                       (y, c), init)
   return (lse_r, lse_c), (x, y, a, c, lse_r, lse_c)
 
 
@@ -402,8 +433,16 @@ def _softmax_bwd(plan, res, cotangents):
 
     return _over_blocks(plan, y_blk.shape[0], block, (rows, cols))
 
+  def kernel_step(s, rows, data, cols, interpret=False):
+    y_blk, c_blk, lse_c_blk, g_c_blk = data
+    dx, da, _, dy, dc = contrastive_kernels.backward(
+        plan.dims, 'softmax', s, x, y_blk, a, c_blk, (lse_r, g_r),
+        (lse_c_blk, g_c_blk), interpret=interpret)
+    return _add(rows, (dx, da)), _add(cols, (dy, dc))
+
   rows, cols = _grad_zeros(x, a)
-  (gx, ga), (gy, gc) = _ring(plan, step, rows, (y, c, lse_c, g_c), cols)
+  (gx, ga), (gy, gc) = _ring(plan, _pick(x.shape[0], step, kernel_step), rows,
+                             (y, c, lse_c, g_c), cols)
   return gx.astype(x.dtype), gy.astype(y.dtype), ga, gc
 
 
@@ -444,7 +483,14 @@ def _sigmoid_fwd(plan, x, y, a, c, bias):
 
     return _over_blocks(plan, y_blk.shape[0], block, total), res
 
-  total, _ = _ring(plan, step, jnp.zeros(bias.shape, jnp.float32), (y, c), ())
+  def kernel_step(s, total, data, res, interpret=False):
+    y_blk, c_blk = data
+    rows, _ = contrastive_kernels.forward(plan.dims, 'sigmoid', s, x, y_blk, a,
+                                          c_blk, bias, interpret=interpret)
+    return total + jnp.sum(rows, 1), res
+
+  total, _ = _ring(plan, _pick(x.shape[0], step, kernel_step),
+                   jnp.zeros(bias.shape, jnp.float32), (y, c), ())
   return total, (x, y, a, c, bias)
 
 
@@ -471,9 +517,18 @@ def _sigmoid_bwd(plan, res, g_total):
                                         ((rows, cols), g_bias))
     return (rows, g_bias), cols
 
+  def kernel_step(s, acc, data, cols, interpret=False):
+    rows, g_bias = acc
+    y_blk, c_blk = data
+    dx, da, db, dy, dc = contrastive_kernels.backward(
+        plan.dims, 'sigmoid', s, x, y_blk, a, c_blk, (bias, g_total), None,
+        interpret=interpret)
+    return (_add(rows, (dx, da)), g_bias + db), _add(cols, (dy, dc))
+
   rows, cols = _grad_zeros(x, a)
   ((gx, ga), g_bias), (gy, gc) = _ring(
-      plan, step, (rows, jnp.zeros_like(bias)), (y, c), cols)
+      plan, _pick(x.shape[0], step, kernel_step),
+      (rows, jnp.zeros_like(bias)), (y, c), cols)
   return gx.astype(x.dtype), gy.astype(y.dtype), ga, gc, g_bias
 
 

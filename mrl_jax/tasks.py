@@ -19,6 +19,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from mrl_jax import contrastive
 from mrl_jax import matryoshka
 from mrl_jax import models
 
@@ -53,9 +54,9 @@ def check_contrastive_config(config) -> None:
         "delete contrastive.impl from the config (and do not pass "
         "--config.contrastive.impl).")
   kind = c.get("kind", "softmax")
-  if kind not in matryoshka.CONTRASTIVE_KINDS:
+  if kind not in contrastive.CONTRASTIVE_KINDS:
     raise ValueError(f"config.contrastive.kind={kind!r} is not one of "
-                     f"{matryoshka.CONTRASTIVE_KINDS}.")
+                     f"{contrastive.CONTRASTIVE_KINDS}.")
   if kind == "softmax" and c.get("bias") is not None:
     raise ValueError(
         f"config.contrastive.bias={c.bias!r} applies only to kind='sigmoid'; "
@@ -64,6 +65,13 @@ def check_contrastive_config(config) -> None:
     raise ValueError(
         f"config.contrastive.label_smoothing={c.label_smoothing!r} applies only "
         "to kind='softmax'; set it to 0.0 for the sigmoid loss.")
+  block = c.get("block_size")
+  if block is not None and (not isinstance(block, int) or isinstance(block, bool)
+                            or block <= 0):
+    raise ValueError(
+        f"config.contrastive.block_size={block!r} must be a positive int (columns per "
+        "block of the loss; more than the per-device batch is clamped to it) or None "
+        "for the default.")
   if kind == "sigmoid" and c.get("max_scale") is not None:
     raise ValueError("config.contrastive.max_scale (CLIP's clip of the logit scale) "
                      "applies only to kind='softmax'.")
@@ -151,8 +159,9 @@ class ContrastiveTask(_Task):
     c = self.config.get("contrastive", {})
     if loss_params["kind"] == "softmax":
       loss_params["label_smoothing"] = c.get("label_smoothing", 0.0)
-    per_dim = matryoshka.contrastive_per_dim(
-        aux["embedding"], aux["text_embedding"], self.facts["head_dims"], **loss_params)
+    per_dim = contrastive.contrastive_per_dim(
+        aux["embedding"], aux["text_embedding"], self.facts["head_dims"],
+        block_size=c.get("block_size"), **loss_params)
     extra = {"temperature": jnp.mean(loss_params["temperature"]),
              "text_truncated": jnp.mean(batch["text_truncated"].astype(jnp.float32)),
              "text_empty": jnp.mean(batch["text_empty"].astype(jnp.float32))}

@@ -539,6 +539,7 @@ def _check(config):
      r"config\.contrastive\.label_smoothing=0\.1"),
     ({"contrastive.kind": "sigmoid"}, ValueError, r"config\.contrastive\.max_scale"),
     ({"contrastive.kind": "hinge"}, ValueError, r"config\.contrastive\.kind='hinge'"),
+    ({"contrastive.block_size": 0}, ValueError, r"config\.contrastive\.block_size=0 must be"),
     ({"evals.linear": {"type": "linear"}}, ValueError, r"config\.evals\.linear\.type='linear'"),
     ({"evals.zeroshot.class_names": ["cat", "dog", "car"]}, ValueError,
      r"config\.evals\.zeroshot\.class_names has 3 names but the dataset has 4 classes"),

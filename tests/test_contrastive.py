@@ -1,4 +1,5 @@
-"""Tests for the nested contrastive losses in mrl_jax.matryoshka."""
+"""Tests for the nested contrastive losses (mrl_jax.contrastive, re-exported by
+mrl_jax.matryoshka)."""
 
 import functools
 
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 from mrl_jax import matryoshka as mrl
+from mrl_jax import sharding
 
 B, D = 8, 32
 DIMS = [3, 8, 32]  # Irregular chunks: 3, 5 and 24 features.
@@ -94,9 +96,10 @@ def _settings(kind, tau, tau_per_dim, bias, bias_per_dim):
 # One compile per kind (and input sharding), shared by the tests below: XLA's
 # CPU compile dominates this file's run time, not the math. Low LLVM
 # optimisation halves the compile and does not change what is computed.
-@functools.partial(jax.jit, static_argnames='kind',
+@functools.partial(jax.jit, static_argnames=('kind', 'block_size'),
                    compiler_options={'xla_backend_optimization_level': 0})
-def _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim, *, kind):
+def _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim, *, kind,
+                       block_size=None):
   out = []
   for temperature, b, eps in _settings(kind, tau, tau_per_dim, bias,
                                        bias_per_dim):
@@ -105,7 +108,8 @@ def _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim, *, kind):
 
     def chunked(x, y, t, b=None, eps=eps):
       return mrl.contrastive(x, y, DIMS, WEIGHTS, kind=kind, temperature=t,
-                             bias=b, label_smoothing=eps)
+                             bias=b, label_smoothing=eps,
+                             block_size=block_size)
 
     def naive(x, y, t, b=None, eps=eps):
       return jnp.sum(jnp.asarray(WEIGHTS)
@@ -114,7 +118,8 @@ def _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim, *, kind):
     out.append(dict(
         per_dim=mrl.contrastive_per_dim(x, y, DIMS, kind=kind,
                                         temperature=temperature, bias=b,
-                                        label_smoothing=eps),
+                                        label_smoothing=eps,
+                                        block_size=block_size),
         unweighted=mrl.contrastive(x, y, DIMS, kind=kind,
                                    temperature=temperature, bias=b,
                                    label_smoothing=eps),
@@ -124,9 +129,9 @@ def _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim, *, kind):
 
 
 def _run(kind, x, y, tau=TAU, tau_per_dim=TAU_PER_DIM, bias=BIAS,
-         bias_per_dim=BIAS_PER_DIM):
+         bias_per_dim=BIAS_PER_DIM, block_size=None):
   return _chunked_and_naive(x, y, tau, tau_per_dim, bias, bias_per_dim,
-                            kind=kind)
+                            kind=kind, block_size=block_size)
 
 
 def _numpy_for(kind, x, y, tau=TAU, tau_per_dim=TAU_PER_DIM, bias=BIAS,
@@ -147,10 +152,14 @@ def _assert_grads_close(grads, want_grads, rtol=1e-5):
                                err_msg=name)
 
 
+# Block sizes: the default (one block of all 8 columns) and 3, which does not
+# divide the batch (two blocks in the loop and a last one of 2).
+@pytest.mark.parametrize('block_size', [None, 3])
 @pytest.mark.parametrize('kind', KINDS)
-def test_matches_naive_per_prefix_loss_and_grads(kind):
+def test_matches_naive_per_prefix_loss_and_grads(kind, block_size):
   x, y = _pair(0)
-  for got, want_per_dim in zip(_run(kind, x, y), _numpy_for(kind, x, y)):
+  for got, want_per_dim in zip(_run(kind, x, y, block_size=block_size),
+                               _numpy_for(kind, x, y)):
     (loss, grads), (want, want_grads) = got['chunked'], got['naive']
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     _assert_grads_close(grads, want_grads)
@@ -174,7 +183,7 @@ def test_confident_pairs_stay_accurate(kind):
   params = dict(tau=np.float32(0.05), tau_per_dim=np.full(3, 0.05, np.float32),
                 bias=np.float32(-10.0),
                 bias_per_dim=np.asarray([-8.0, -10.0, -12.0], np.float32))
-  for got, want in zip(_run(kind, x, y, **params),
+  for got, want in zip(_run(kind, x, y, block_size=3, **params),
                        _numpy_for(kind, x, y, **params)):
     # Softmax CE is lse_i - l_ii, which float32 resolves to ~ulp(1/tau)
     # (optax's CE the same); the sigmoid loss keeps its relative precision.
@@ -206,38 +215,88 @@ def test_each_prefix_loss_ignores_later_features():
     assert not np.allclose(moved[k + 1], base[k + 1])
 
 
-@functools.partial(jax.jit,
-                   compiler_options={'xla_backend_optimization_level': 0})
-def _train_step_both_kinds(x, y, tau, bias):
+def _train_step_both_kinds(x, y, tau, bias, eps=0.0, block_size=None):
   """(loss, grads wrt x, y, tau[, bias]) per kind, as a train step sees it."""
   out = {}
   for kind in KINDS:
     def loss_fn(x, y, tau, *b, kind=kind):
       return mrl.contrastive(x, y, DIMS, WEIGHTS, kind=kind, temperature=tau,
-                             bias=b[0] if b else None)
+                             bias=b[0] if b else None,
+                             label_smoothing=eps if kind == 'softmax' else 0.0,
+                             block_size=block_size)
     params = (x, y, tau) + ((bias,) if kind == 'sigmoid' else ())
     out[kind] = jax.value_and_grad(loss_fn, tuple(range(len(params))))(*params)
   return out
 
 
-def test_sharded_batch_matches_single_device():
+_train_step = jax.jit(_train_step_both_kinds,
+                      static_argnames=('eps', 'block_size'),
+                      compiler_options={'xla_backend_optimization_level': 0})
+
+
+@pytest.mark.parametrize('mesh_axes, block_size', [
+    ({'data': -1}, None),  # 8 devices, 5 rows each, one block
+    ({'data': 2, 'fsdp': 4}, 2),  # the ring over both batch axes, 2 + 2 + 1
+    ({'data': 4, 'tensor': 2}, 3),  # 4 batch shards of 10, replicated twice
+])
+def test_ring_over_the_mesh_matches_one_device(mesh_axes, block_size):
   n = len(jax.devices())
-  assert n == 8 == B, 'tests/conftest.py forces 8 host devices'
-  x, y = _pair(13)
-  want = _train_step_both_kinds(x, y, TAU_PER_DIM, BIAS_PER_DIM)  # 1 device
-  mesh = jax.make_mesh((n,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  assert n == 8, 'tests/conftest.py forces 8 host devices'
+  x, y = _pair(13, b=40)
+  want = _train_step(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS)  # 1 device
+  mesh = sharding.create_mesh(mesh_axes)
+  batch = sharding.batch_sharding(mesh)
   xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
-  assert len(xs.sharding.device_set) == n
-  got = _train_step_both_kinds(xs, ys, TAU_PER_DIM, BIAS_PER_DIM)
+  with jax.set_mesh(mesh):
+    hlo = _train_step.lower(xs, ys, TAU_PER_DIM, BIAS_PER_DIM, EPS,
+                            block_size).as_text()
+    got = _train_step(xs, ys, TAU_PER_DIM, BIAS_PER_DIM, EPS, block_size)
+  # The column blocks travel device to device: no all-gather of y.
+  assert 'collective_permute' in hlo and 'all_gather' not in hlo
   for kind in KINDS:
     (loss, grads), (want_loss, want_grads) = got[kind], want[kind]
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     _assert_grads_close(grads, want_grads)
     # The loss is over the global batch, not a mean of per-shard losses.
-    per_dim = _numpy_per_dim(x, y, DIMS, kind, TAU_PER_DIM, BIAS_PER_DIM)
+    eps = EPS if kind == 'softmax' else 0.0
+    per_dim = _numpy_per_dim(x, y, DIMS, kind, TAU_PER_DIM, BIAS_PER_DIM, eps)
     np.testing.assert_allclose(loss, np.dot(WEIGHTS, per_dim), rtol=1e-5)
+
+
+def test_sharded_batch_without_a_mesh_context_matches_one_device():
+  # Arrays sharded but no `jax.set_mesh`: XLA partitions the one-device form.
+  x, y = _pair(13)
+  want = _train_step(x, y, TAU_PER_DIM, BIAS_PER_DIM)
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  got = _train_step(jax.device_put(x, batch), jax.device_put(y, batch),
+                    TAU_PER_DIM, BIAS_PER_DIM)
+  for kind in KINDS:
+    np.testing.assert_allclose(got[kind][0], want[kind][0], rtol=1e-5)
+    _assert_grads_close(got[kind][1], want[kind][1])
+
+
+@pytest.mark.parametrize('b', [1, 2])
+def test_batches_of_one_and_two(b):
+  x, y = _pair(15, b=b)
+  for kind in KINDS:
+    # With one pair the softmax loss is lse - l_11 = 0, resolved to
+    # ~ulp(1/tau) as in test_confident_pairs_stay_accurate.
+    atol = 1e-5 if kind == 'softmax' else 1e-6
+    for got, want in zip(_run(kind, x, y), _numpy_for(kind, x, y)):
+      np.testing.assert_allclose(got['per_dim'], want, rtol=1e-5, atol=atol)
+      (loss, grads), (want_loss, want_grads) = got['chunked'], got['naive']
+      np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=atol)
+      assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_block_size_beyond_the_batch_is_clamped():
+  x, y = _pair(16)
+  kw = dict(temperature=TAU, label_smoothing=EPS)
+  np.testing.assert_array_equal(
+      mrl.contrastive_per_dim(x, y, DIMS, block_size=1000, **kw),
+      mrl.contrastive_per_dim(x, y, DIMS, block_size=B, **kw))
 
 
 def test_prefix_cosines():
@@ -291,11 +350,17 @@ def test_bf16_inputs_use_float32_math():
      "label_smoothing=0.1 applies to kind='softmax'"),
     (dict(label_smoothing=1.0), 'label_smoothing=1.0'),
     (dict(label_smoothing=-0.1), 'label_smoothing=-0.1'),
+    (dict(block_size=0), 'block_size=0 must be a positive int'),
+    (dict(block_size=-4), 'block_size=-4'),
+    (dict(block_size=2.5), 'block_size=2.5'),
+    (dict(block_size=True), 'block_size=True'),
+    (dict(y=np.ones((B + 1, D), np.float32)), r'\(9, 32\)'),
 ])
 def test_bad_input(overrides, match):
   x, y = _pair(14)
   args = dict(x=x, y=y, nesting_dims=DIMS, weights=None, kind='softmax',
-              temperature=0.07, bias=None, label_smoothing=0.0)
+              temperature=0.07, bias=None, label_smoothing=0.0,
+              block_size=None)
   args.update(overrides)
   with pytest.raises(ValueError, match=match):
     mrl.contrastive(**args)

@@ -4,7 +4,7 @@ Each tower ends in a linear projection to the same d (the image model's and
 the text encoder's `representation` layers), and the Matryoshka nesting
 applies to both embeddings: the contrastive loss of every prefix m pairs
 image[:, :m] with text[:, :m], each prefix L2-normalised separately
-(`mrl_jax.matryoshka.contrastive`).
+(`mrl_jax.contrastive`).
 
 The logit scale is learnable and stored as a log, `log_scale` = log(1/τ):
 ALIGN's softmax loss starts at τ = 1 (scale 1); SigLIP's sigmoid loss at
@@ -20,7 +20,7 @@ from typing import Sequence
 from flax import nnx
 import jax.numpy as jnp
 
-from mrl_jax import matryoshka
+from mrl_jax import contrastive
 
 
 class DualEncoder(nnx.Module):
@@ -35,9 +35,9 @@ class DualEncoder(nnx.Module):
                temperature: float | None = None, learn_temperature: bool = True,
                bias: float | None = None, per_prefix: bool = False,
                max_scale: float | None = None):
-    if kind not in matryoshka.CONTRASTIVE_KINDS:
+    if kind not in contrastive.CONTRASTIVE_KINDS:
       raise ValueError(f"config.contrastive.kind={kind!r} is not one of "
-                       f"{matryoshka.CONTRASTIVE_KINDS}.")
+                       f"{contrastive.CONTRASTIVE_KINDS}.")
     if temperature is None:
       temperature = 1.0 if kind == "softmax" else 0.1  # ALIGN; SigLIP t = 10
     if not temperature > 0:
@@ -72,7 +72,7 @@ class DualEncoder(nnx.Module):
     return jnp.exp(-log_scale)
 
   def loss_params(self) -> dict:
-    """Keyword arguments of `matryoshka.contrastive` for the current state."""
+    """Keyword arguments of `contrastive.contrastive` for the current state."""
     tau = self.temperature()
     out = {"kind": self.kind, "temperature": tau[0] if tau.shape[0] == 1 else tau}
     if self.bias is not None:
