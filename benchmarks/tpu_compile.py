@@ -12,9 +12,10 @@ Parts, each printed side by side:
   align   configs/align_vit_b16_bert_base.py at its global batch on the slice
           its docstring names: the first of (data parallel, + remat, + FSDP)
           that fits.
-  loss    The nested contrastive loss + gradient (softmax and sigmoid) vs the
-          same at the full dim only vs a plain jnp CLIP loss and a plain loop
-          over the prefixes, B = 16,384, d = 768, 7 prefixes, batch over v5e:4x4.
+  loss    The nested contrastive loss + gradient (softmax and sigmoid; TPU
+          kernels and XLA form) vs the same at the full dim only vs a plain jnp
+          CLIP loss and a plain loop over the prefixes, B = 16,384, d = 768,
+          7 prefixes, batch over v5e:4x4.
   configs Every shipped config on one or two topologies: the README's table.
 
 Writes each part's section of --out (docs/results/tpu_compile.md; parts not
@@ -45,7 +46,7 @@ from configs import fashion_mnist_vit  # noqa: E402
 from configs import imagenet_vit_b16  # noqa: E402
 from configs import imagenet_vit_s16  # noqa: E402
 from mrl_jax import compile as compile_lib  # noqa: E402
-from mrl_jax import matryoshka  # noqa: E402
+from mrl_jax import contrastive  # noqa: E402
 from mrl_jax import sharding  # noqa: E402
 
 README_BEGIN = "<!-- tpu_compile: configs table (benchmarks/tpu_compile.py --update_readme) -->"
@@ -137,40 +138,61 @@ def _plain_clip(x, y, t):
                 + jnp.mean(jax.nn.logsumexp(logits, axis=0) - diag))
 
 
+def _xla_form(loss):
+  """`loss` with the contrastive kernels off: the XLA form GPUs and CPUs run."""
+  def run(x, y):
+    saved, contrastive.KERNELS = contrastive.KERNELS, "never"
+    try:
+      return loss(x, y)
+    finally:
+      contrastive.KERNELS = saved
+  return run
+
+
 def part_loss(batch=16_384, d=768, topology="v5e:4x4") -> str:
   dims = (12, 24, 48, 96, 192, 384, 768)
   devices = compile_lib.topology_devices(topology)
   mesh = sharding.create_mesh({"data": -1}, devices)
   chip = compile_lib.chip_of(topology)
   emb = jax.ShapeDtypeStruct((batch, d), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  softmax = lambda dims: lambda x, y: contrastive.contrastive(x, y, dims, temperature=0.07)
+  sigmoid = lambda dims: lambda x, y: contrastive.contrastive(
+      x, y, dims, kind="sigmoid", temperature=0.1, bias=-10.0)
   losses = {
       "plain jnp CLIP, full dim": lambda x, y: _plain_clip(x, y, 0.07),
       "plain jnp, loop over 7 prefixes": lambda x, y: sum(
           _plain_clip(x[:, :m], y[:, :m], 0.07) for m in dims),
-      "matryoshka.contrastive softmax, full dim": lambda x, y: matryoshka.contrastive(
-          x, y, (d,), temperature=0.07),
-      "matryoshka.contrastive softmax, 7 prefixes": lambda x, y: matryoshka.contrastive(
-          x, y, dims, temperature=0.07),
-      "matryoshka.contrastive sigmoid, full dim": lambda x, y: matryoshka.contrastive(
-          x, y, (d,), kind="sigmoid", temperature=0.1, bias=-10.0),
-      "matryoshka.contrastive sigmoid, 7 prefixes": lambda x, y: matryoshka.contrastive(
-          x, y, dims, kind="sigmoid", temperature=0.1, bias=-10.0),
+      "contrastive softmax, full dim": softmax((d,)),
+      "contrastive softmax, 7 prefixes": softmax(dims),
+      "contrastive softmax, 7 prefixes, XLA form": _xla_form(softmax(dims)),
+      "contrastive sigmoid, full dim": sigmoid((d,)),
+      "contrastive sigmoid, 7 prefixes": sigmoid(dims),
+      "contrastive sigmoid, 7 prefixes, XLA form": _xla_form(sigmoid(dims)),
   }
   rows, base = [], None
   for name, loss in losses.items():
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     p = compile_lib.measure(step, (emb, emb), mesh, chip)
+    nbytes = p["bytes_accessed"] if p["bytes_accessed"] is not None else p["xla_bytes_accessed"]
+    p = dict(p, nbytes=nbytes, bytes_by=("XLA, loops once" if p["bytes_accessed"] is None
+                                         else p["flops_method"]))
     base = base or p
-    rows.append((name, f"{p['temp_bytes'] / GB:.2f}", f"{p['temp_bytes'] / base['temp_bytes']:.1f}",
-                 f"{p['xla_bytes_accessed'] / GB:.2f}", f"{p['xla_flops'] / 1e9:.1f}",
-                 f"{p['flops_per_device'] / 1e9:.1f}", p["flops_method"]))
+    rows.append((name, f"{p['temp_bytes'] / GB:.3f}", f"{p['temp_bytes'] / base['temp_bytes']:.2f}",
+                 f"{p['nbytes'] / GB:.2f}", f"{p['nbytes'] / base['nbytes']:.2f}",
+                 f"{p['flops_per_device'] / 1e9:.1f}",
+                 f"{p['flops_per_device'] / base['flops_per_device']:.2f}",
+                 p["flops_method"], p["bytes_by"]))
   return (f"Loss + gradient w.r.t. both embeddings, B = {batch:,} over {topology} "
-          f"({len(devices)} chips), d = {d}, prefixes {list(dims)}, per device (÷ = temp "
-          "bytes over the plain CLIP loss's). XLA's own counts take each loop body once; "
-          "the TPU compiler turns the all-gathered matmuls into loops, so GFLOP is counted "
-          "as `flops by` says:\n\n"
-          + table(("loss", "temp GB", "÷ plain", "XLA bytes GB", "XLA GFLOP", "GFLOP",
-                   "flops by"), rows))
+          f"({len(devices)} chips), d = {d}, prefixes {list(dims)}, per device; ÷ = over the "
+          "plain CLIP loss. `contrastive` rows run its Pallas kernels (as on a TPU) unless "
+          "marked XLA form (as on GPUs and CPUs). temp is the HBM the compiler assigns "
+          "beyond arguments and outputs. XLA's own counts take each loop body once, so "
+          "FLOPs and bytes are counted as the last two columns say: from a compile with "
+          "every scan unrolled, or for FLOPs from the jaxpr (the plain losses' loops are "
+          "the TPU compiler's own, windowed all-gather matmuls: their bytes are XLA's, "
+          "an undercount):\n\n"
+          + table(("loss", "temp GB", "÷", "bytes GB", "÷", "GFLOP", "÷", "flops by",
+                   "bytes by"), rows))
 
 
 CONFIGS = (

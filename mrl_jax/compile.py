@@ -231,12 +231,18 @@ def _subjaxprs(eqn):
 
 
 def _trips(eqn) -> int:
-  return eqn.params["length"] if eqn.primitive.name == "scan" else 1
+  """Times a sub-jaxpr of `eqn` runs: a scan's length, a Pallas kernel's grid."""
+  if eqn.primitive.name == "scan":
+    return eqn.params["length"]
+  if eqn.primitive.name == "pallas_call":
+    return math.prod(eqn.params["grid_mapping"].grid)
+  return 1
 
 
 def unrolled_size(jaxpr) -> int:
   """Equations `jaxpr` has once every scan is unrolled."""
-  return sum(max(1, _trips(e) * sum(unrolled_size(j) for j in _subjaxprs(e)))
+  return sum(1 if e.primitive.name == "pallas_call"  # one custom call
+             else max(1, _trips(e) * sum(unrolled_size(j) for j in _subjaxprs(e)))
              for e in jaxpr.eqns)
 
 
@@ -255,7 +261,8 @@ def analytic_flops(jaxpr, num_devices: int, *, per_device: bool = False) -> floa
   Matmuls and convolutions count 2 per multiply-add, arithmetic ops one per
   output element, reductions one per input element (as XLA's cost analysis
   does). Work outside a `shard_map` is split evenly over `num_devices`; inside
-  one it is per device already.
+  one it is per device already. A Pallas kernel counts its body once per grid
+  step; of a `cond`'s branches (`lax.platform_dependent` too) the costliest.
   """
   total = 0.0
   for eqn in jaxpr.eqns:
