@@ -18,6 +18,7 @@ pytest.importorskip("libtpu", reason="--mode=compile needs libtpu: pip install "
 from configs import fashion_mnist_align  # noqa: E402
 from configs import fashion_mnist_vit  # noqa: E402
 from mrl_jax import compile as compile_lib  # noqa: E402
+from mrl_jax import contrastive  # noqa: E402
 from mrl_jax import sharding  # noqa: E402
 from mrl_jax import train  # noqa: E402
 from mrl_jax.data import input_pipeline  # noqa: E402
@@ -235,3 +236,27 @@ def test_train_batch_spec_matches_the_loader(fake_dataset_dir):
   spec = input_pipeline.eval_batch_spec(config, 1, 32)
   assert {k: (v.shape, v.dtype) for k, v in evals.items()} == {
       k: (shape, np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_contrastive_loss_is_a_ring_of_pallas_kernels_on_tpu(kind):
+  """On a TPU the nested loss runs `contrastive_kernels` in a ring over the
+  batch shards: no all-gather, no [M, b, B] logits in HBM, and FLOPs of four
+  b x B x d products per device (the gradient recomputes the forward's)."""
+  devices = compile_lib.topology_devices("v5e:2x2")
+  mesh = sharding.create_mesh({"data": -1}, devices)
+  batch, d, dims = 1024, 64, (8, 16, 32, 64)
+  emb = jax.ShapeDtypeStruct((batch, d), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  kw = dict(temperature=0.1) if kind == "softmax" else dict(temperature=0.1, bias=-10.0)
+  step = jax.jit(jax.value_and_grad(
+      lambda x, y: contrastive.contrastive(x, y, dims, kind=kind, **kw), argnums=(0, 1)))
+  got = compile_lib.measure(step, (emb, emb), mesh, compile_lib.CHIPS["v5e"])
+  with jax.set_mesh(mesh):
+    hlo = step.lower(emb, emb).compile().as_text()
+  assert "tpu_custom_call" in hlo
+  assert got["collectives"]["all-gather"] == 0 and got["collectives"]["collective-permute"] > 0
+  local = batch // len(devices)
+  assert got["temp_bytes"] < len(dims) * local * batch * 4
+  products = 4 * 2 * local * batch * d
+  assert got["flops_method"] == "unrolled"
+  assert products < got["flops_per_device"] < 1.3 * products  # + elementwise work

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from mrl_jax import contrastive
 from mrl_jax import matryoshka as mrl
 from mrl_jax import sharding
 
@@ -297,6 +298,21 @@ def test_block_size_beyond_the_batch_is_clamped():
   np.testing.assert_array_equal(
       mrl.contrastive_per_dim(x, y, DIMS, block_size=1000, **kw),
       mrl.contrastive_per_dim(x, y, DIMS, block_size=B, **kw))
+
+
+# 384 rows: kernel tiles of 128 (a 3 x 3 grid); 512: tiles of 256 (2 x 2).
+@pytest.mark.parametrize('b', [384, 512])
+def test_tpu_kernels_interpreted_match_the_xla_form(b, monkeypatch):
+  # On a CPU the loss runs XLA's blocked form; interpreted, the Pallas
+  # kernels (what a TPU runs) must give the same values and gradients.
+  x, y = _pair(17, b=b)
+  want = _train_step(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS, 100)
+  monkeypatch.setattr(contrastive, 'KERNELS', 'interpret')
+  interpreted = jax.jit(_train_step_both_kinds, static_argnames=('eps',))
+  got = interpreted(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS)
+  for kind in KINDS:
+    np.testing.assert_allclose(got[kind][0], want[kind][0], rtol=1e-5)
+    _assert_grads_close(got[kind][1], want[kind][1])
 
 
 def test_prefix_cosines():
