@@ -5,11 +5,12 @@ r"""Nested contrastive loss vs the single full-dim loss: loss + gradient time.
 
 For each kind ('softmax', 'sigmoid') and batch size B, with d = 768 and the 7
 prefixes [12, 24, 48, 96, 192, 384, 768], times jax.value_and_grad (wrt both
-towers) of the jitted losses on the same inputs:
+towers) of the jitted losses on the same inputs, on the default device (on a
+CPU or GPU: the XLA blocked form of `mrl_jax.contrastive`):
 
   full    the single full-dim loss, `contrastive(x, y, [768])`: the baseline
-  chunked all 7 prefixes in the chunked cumulative form, `contrastive(x, y,
-          dims)`: one B x B x d matmul plus O(7 B^2) elementwise work
+  chunked all 7 prefixes, `contrastive(x, y, dims)`: the chunk dots of one
+          B x B x d product, blocks of columns, the gradient recomputed
   naive   7 independent losses, one per truncated prefix: sum_m B^2 m FLOPs
 
 and prints each time and its ratio to `full`. Times are medians over --reps
@@ -18,39 +19,8 @@ chunked, naive), and each ratio is the median over the reps of the two
 variants' ratio within the rep: on a shared machine whose speed drifts over
 seconds, a paired ratio cancels the drift that a ratio of two medians keeps.
 
-Measured on a shared 2-core AMD EPYC VM (Zen 3, AVX2; CPU, float32), where
-single timings move by 10-25 % from run to run and more in slow phases
-(XLA's full-dim loss took 30-58 ms at B = 1024 within one hour). Five runs
-of `--kinds=softmax` (9 reps), chunked / full:
-
-  B = 1024:  1.86-2.12
-  B = 4096:  1.72-1.85
-
-naive / full 2.4-3.1 in the same runs. Three runs of the whole benchmark
-(both kinds, 9 reps), chunked / full:
-
-  softmax B = 1024:  1.91, 2.25, 1.88
-  softmax B = 4096:  1.82, 1.88, 1.88
-  sigmoid B = 1024:  1.96, 1.92, 2.08
-  sigmoid B = 4096:  1.59, 1.67, 1.61
-
-naive / full 2.4-3.4. At B = 4096 XLA's single full-dim loss maps ~270 MB
-of fresh temporaries per call (67k page faults) and takes its B x B passes
-through memory.
-
-Smaller batches (one run each, d = 768), the chunked form: B = 128: 4.0 /
-3.4 ms (two runs), B = 256: 5.9 / 6.4, B = 512: 22.2 / 16.5; at d = 64 with
-the Fashion-MNIST demo's 6 prefixes (--dim=64 --start=2), B = 256: 1.7 ms,
-B = 1024: 35.1.
-
-Why XLA's chunked form costs ~2x on a CPU: its seven chunk matmuls (K = 12,
-12, 24, ... features) each write and re-read a B x B partial sum and do not
-reach the one full matmul's FLOP rate (measured pieces at B = 4096: their
-forward 551 ms against 198 ms for the full matmul, their backward 605
-against 381), and every prefix adds B x B elementwise passes (exp, the
-log-sum-exp sums, the cotangent of the dots, the norms' row and column
-sums), ~0.07-0.15 of the full loss each. A prototype that tiled the XLA
-forward over 256-row blocks of x still took 1.6x the full forward.
+CPU timings guard against regressions; what the loss costs on a TPU (memory,
+HBM bytes, FLOPs) is `benchmarks/tpu_compile.py --only=loss`.
 """
 import statistics
 import time
