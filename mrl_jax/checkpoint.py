@@ -65,6 +65,7 @@ class Checkpointer:
             "data": grain.checkpoint.CheckpointHandler(),
         },
     )
+    self._partial_reader = None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -82,11 +83,22 @@ class Checkpointer:
       logging.info("Saving checkpoint for step %d in %s", step, self.directory)
     return saved
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None, *,
+              partial: bool = False) -> Any:
     """Restores the state (shaped and sharded like `abstract_state`).
 
-    The data iterator, when given, is restored in place.
+    The data iterator, when given, is restored in place. With `partial`,
+    `abstract_state` holds some of the saved state's top-level entries (e.g.
+    params and model state, no optimizer state) and only those are read.
     """
+    if partial:
+      restored = self._reader().restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=abstract_state, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))))
+      logging.info("Restored %s of step %d from %s", "/".join(abstract_state), step,
+                   self.directory)
+      return restored["state"]
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -94,14 +106,15 @@ class Checkpointer:
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return restored["state"]
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
-                     ) -> tuple[int | None, Any]:
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None, *,
+                     partial: bool = False) -> tuple[int | None, Any]:
     """(step, state) of the newest restorable checkpoint, or (None, None).
 
     A checkpoint that cannot be read (a partial copy, a truncated file) is
     renamed `STEP.corrupt` with a warning and the previous one is tried; good
     checkpoints are never removed. A checkpoint that reads fine but does not
     match `abstract_state` (another model or nesting config) is an error.
+    `partial` as in `restore`.
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -110,9 +123,11 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
+      if partial:  # compare the entries asked for only
+        saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
       self._check_compatible(step, saved, abstract_state)
       try:
-        return step, self.restore(step, abstract_state, data_iterator)
+        return step, self.restore(step, abstract_state, data_iterator, partial=partial)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
     return None, None
@@ -157,9 +172,22 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._manager.reload()
+    if self._partial_reader is not None:
+      self._partial_reader.reload()
+
+  def _reader(self) -> ocp.CheckpointManager:
+    # Partial restores need the PyTree handler's `partial_restore`; it reads
+    # what the standard handler wrote.
+    if self._partial_reader is None:
+      self._partial_reader = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+          item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    return self._partial_reader
 
   def wait_until_finished(self):
     self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+    if self._partial_reader is not None:
+      self._partial_reader.close()

@@ -411,9 +411,10 @@ def _abstract(spec: dict, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
           for k, (shape, dtype) in spec.items()}
 
 
-def programs(config, facts, mesh) -> dict[str, tuple[Callable, tuple, Any]]:
+def programs(config, s: train.Setup) -> dict[str, tuple[Callable, tuple, Any]]:
   """{name: (jitted fn, abstract args, mesh)} of everything a run compiles."""
-  task, tx, _, state, state_sharding = train.setup_state(config, facts, mesh)
+  facts, mesh, task, tx = s.facts, s.mesh, s.task, s.tx
+  state, state_sharding = s.abstract_state, s.state_sharding
   batch_sharding = sharding.batch_sharding(mesh)
   channels = facts["dataset"].image_shape[-1]
   out = {"train_step": (
@@ -470,15 +471,15 @@ def compile_report(config, topology: str, num_slices: int = 1) -> dict[str, Any]
   """Compiles the run of `config` for `num_slices` x `topology`; returns the report."""
   devices = topology_devices(topology, num_slices)
   chip = chip_of(topology)
-  mesh = sharding.create_mesh(config.mesh, devices)
   num_hosts = len({d.process_index for d in devices})  # global across slices
-  facts = train.check_config(config, mesh, dataset=dataset_facts(config),
-                             vocab_size=vocab_size(config), process_count=num_hosts)
+  s = train.setup(config, devices=devices, dataset=dataset_facts(config),
+                  vocab_size=vocab_size(config), process_count=num_hosts)
+  mesh = s.mesh
   report = {"topology": topology, "num_slices": num_slices, "num_devices": len(devices),
             "chip": topology.split(":")[0], "hbm_bytes": chip.hbm_bytes,
             "config": config.get("name", ""), "mesh": dict(mesh.shape),
             "num_hosts": num_hosts, "programs": {}}
-  for name, (fn, args, program_mesh) in programs(config, facts, mesh).items():
+  for name, (fn, args, program_mesh) in programs(config, s).items():
     logging.info("Compiling %s for %s x %d", name, topology, num_slices)
     report["programs"][name] = measure(fn, args, program_mesh, chip)
   return report

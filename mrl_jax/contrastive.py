@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from mrl_jax import contrastive_kernels
-from mrl_jax import matryoshka
+from mrl_jax import prefix
 from mrl_jax import sharding
 
 CONTRASTIVE_KINDS = ('softmax', 'sigmoid')
@@ -120,11 +120,10 @@ def prefix_cosines(x, y, nesting_dims) -> jax.Array:
   normalised on its own, in the chunked form. float32; all of it at once,
   so for small batches (the losses above never hold it).
   """
-  dims = matryoshka._checked_dims(nesting_dims)
+  dims = prefix.checked_dims(nesting_dims)
   for name, z in (('x', x), ('y', y)):
-    matryoshka._check_features(z, dims[-1], f'prefix_cosines: {name}')
-  inv_x, inv_y = (_inv_norm(_row_sums(jnp.square(z.astype(jnp.float32)), dims))
-                  for z in (x, y))
+    prefix.check_features(z, dims[-1], f'prefix_cosines: {name}')
+  inv_x, inv_y = prefix.inv_norms(x, dims), prefix.inv_norms(y, dims)
   return _dots(dims, x, y) * inv_x[:, :, None] * inv_y[:, None, :]
 
 
@@ -179,10 +178,8 @@ def _default_block(b: int, m: int) -> int:
 def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
   """[M] losses from this device's rows x, y [b, d] (the global batch is n b)."""
   dims, total = plan.dims, x.shape[0] * plan.n
-  inv_x = _inv_norm(_row_sums(jnp.square(x.astype(jnp.float32)), dims))
-  inv_y = _inv_norm(_row_sums(jnp.square(y.astype(jnp.float32)), dims))
-  a = inv_x * inv_tau[:, None]  # [M, b]: logits l_ij = dots_ij a_i c_j
-  c = inv_y
+  a = prefix.inv_norms(x, dims) * inv_tau[:, None]  # [M, b]: l_ij = dots_ij a_i c_j
+  c = prefix.inv_norms(y, dims)
   if kind == 'sigmoid':
     # Each device's bias cotangent is its rows' share: with bias cast to
     # varying, autodiff sums the shares over the ring (pcast's transpose).
@@ -204,30 +201,19 @@ def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
   return loss
 
 
-def _chunks(dims):
-  bounds = (0, *dims)
-  return list(zip(bounds[:-1], bounds[1:]))
-
-
 def _row_sums(v, dims):
   """[b, d] -> [M, b]: sum over the first m features of each row, every m."""
   out, run = [], 0.0
-  for lo, hi in _chunks(dims):
+  for lo, hi in prefix.chunks(dims):
     run = run + jnp.sum(v[:, lo:hi], axis=-1)
     out.append(run)
   return jnp.stack(out)
 
 
-def _inv_norm(sq):
-  # The eps floor goes on the squared norm (as in `matryoshka.truncate`), so
-  # a zero prefix has cosine 0 and gradient 0, not NaN.
-  return jax.lax.rsqrt(jnp.maximum(sq, matryoshka._NORM_EPS**2))
-
-
 def _dots(dims, x, y):
   """[b, d] x [k, d] -> [M, b, k]: x[:, :m] @ y[:, :m].T for every prefix m."""
   out, run = [], 0.0
-  for lo, hi in _chunks(dims):
+  for lo, hi in prefix.chunks(dims):
     run = run + jnp.einsum('if,jf->ij', x[:, lo:hi], y[:, lo:hi],
                            preferred_element_type=jnp.float32)
     out.append(run)
@@ -240,7 +226,7 @@ def _dots_vjp(dims, x, y, h):
   # running sum of h from the largest prefix down; then one matmul per chunk
   # and tower, as in the forward pass.
   gx, gy, run = [], [], 0.0
-  for k, (lo, hi) in reversed(list(enumerate(_chunks(dims)))):
+  for k, (lo, hi) in reversed(list(enumerate(prefix.chunks(dims)))):
     run = run + h[k]  # [b, k]
     gx.append(jnp.einsum('ij,jf->if', run, y[:, lo:hi],
                          preferred_element_type=jnp.float32))
@@ -554,7 +540,7 @@ def _check(x, y, nesting_dims, weights, kind, temperature, bias,
         f'contrastive: x {x_shape} and y {y_shape} must both be [B, d] with '
         'the same shape and B >= 1 (row i of x pairs with row i of y); '
         'project both towers to the same representation size.')
-  dims, weights = matryoshka.validate_nesting(nesting_dims, weights,
+  dims, weights = prefix.validate_nesting(nesting_dims, weights,
                                               x_shape[1])
   n = len(dims)
   _check_per_prefix('temperature', temperature, n, positive=True,
@@ -579,7 +565,7 @@ def _check(x, y, nesting_dims, weights, kind, temperature, bias,
     raise ValueError(
         f'contrastive: label_smoothing={label_smoothing!r} applies to '
         "kind='softmax' only; set it to 0.0 for kind='sigmoid'.")
-  if block_size is not None and (not matryoshka._is_int(block_size)
+  if block_size is not None and (not prefix.is_int(block_size)
                                  or block_size <= 0):
     raise ValueError(
         f'contrastive: block_size={block_size!r} must be a positive int '
@@ -606,5 +592,5 @@ def _check_per_prefix(name, value, n, *, positive, hint):
 
 def _show_value(v):
   if isinstance(v, (numbers.Real, list, tuple, np.ndarray)):
-    return matryoshka._show(v)
+    return prefix.show(v)
   return f'<array of shape {tuple(jnp.shape(v))}>'

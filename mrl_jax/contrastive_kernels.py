@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from mrl_jax import prefix
+
 # Rows and columns of a tile. 8 [TILE, TILE] float32 tiles (the chunk dots
 # running sum and the prefixes' cotangents) plus double-buffered x, y, dx and
 # dy blocks stay under 16 MiB of VMEM for d <= 2048.
@@ -40,11 +42,6 @@ def tile_for(b: int) -> int | None:
     if b % t == 0:
       return t
   return None
-
-
-def _chunks(dims):
-  bounds = (0, *dims)
-  return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _nt(u, v):  # u [r, f] . v [c, f] -> [r, c]
@@ -77,7 +74,7 @@ def _flip_diagonal(step, i, j, t):
 def _prefix_dots(dims, x, y):
   """Yields (m, (lo, hi), x[:, :hi] @ y[:, :hi].T) for every prefix."""
   run = 0.0
-  for m, (lo, hi) in enumerate(_chunks(dims)):
+  for m, (lo, hi) in enumerate(prefix.chunks(dims)):
     run = run + _nt(x[:, lo:hi], y[:, lo:hi])
     yield m, (lo, hi), run
 
@@ -178,7 +175,7 @@ def _backward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref,
   # Chunk (lo, hi] feeds every prefix from its own on: its cotangent is the
   # running sum of the prefixes' from the largest down.
   run = 0.0
-  for m, (lo, hi) in reversed(list(enumerate(_chunks(dims)))):
+  for m, (lo, hi) in reversed(list(enumerate(prefix.chunks(dims)))):
     run = run + hs[m]
     gx_ref[:, lo:hi] += jnp.dot(run, y[:, lo:hi],
                                 preferred_element_type=jnp.float32)

@@ -31,10 +31,10 @@ import jax
 import numpy as np
 
 from mrl_jax import evaluate
+from mrl_jax import prefix
 from mrl_jax import report
 
 DEFAULT_SHARD_SIZE = 1_000_000
-_NORM_EPS = 1e-12
 _FILE_PATTERNS = (r"embeddings(-\d{5}-of-\d{5})?\.npy", r"labels(-\d{5}-of-\d{5})?\.npy",
                   r"meta\.json")
 
@@ -82,7 +82,7 @@ def prepare_rows(embedding: np.ndarray, dim: int, normalize: bool) -> np.ndarray
   x = np.asarray(embedding, np.float32)[:, :dim]
   if normalize:
     norms = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=1, keepdims=True))
-    x = (x / np.maximum(norms, _NORM_EPS)).astype(np.float32)
+    x = (x / np.maximum(norms, prefix.NORM_EPS)).astype(np.float32)
   return np.ascontiguousarray(x)
 
 
@@ -140,26 +140,16 @@ def load_embeddings(outdir: epath.PathLike) -> tuple[np.ndarray, np.ndarray | No
 def run_embed(config, workdir: str, *, split: str | None = None, dim: int | None = None,
               normalize: bool = False, shard_size: int = DEFAULT_SHARD_SIZE) -> epath.Path:
   """Embeds `split` with the latest checkpoint in `workdir`; returns the output directory."""
-  from mrl_jax import sharding  # pylint: disable=g-import-not-at-top
   from mrl_jax import train  # pylint: disable=g-import-not-at-top
 
-  workdir = train._absolute(workdir)  # pylint: disable=protected-access
   split = split or config.dataset.eval_split
-  mesh = sharding.create_mesh(config.mesh)
-  facts = train.check_config(config, mesh)
-  dim = check_embed_options(config, facts, split=split, dim=dim, shard_size=shard_size)
-  task, _, _, abstract_state, _ = train.setup_state(config, facts, mesh)
-  ckpt = train.checkpoint_lib.Checkpointer(workdir / "checkpoints")
-  try:
-    step, state = ckpt.restore_latest(abstract_state)
-  finally:
-    ckpt.close()
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {workdir / 'checkpoints'}: --mode=embed exports a trained "
-        "model's embeddings. Fix: train first (same command without --mode=embed).")
-  with jax.set_mesh(mesh):
-    out = evaluate.embed_split(config, task, state, mesh, split, with_logits=False)
+  s = train.setup(config)
+  dim = check_embed_options(config, s.facts, split=split, dim=dim, shard_size=shard_size)
+  step, state = train.restore_model(s, workdir, mode="embed")
+  with jax.set_mesh(s.mesh):
+    out = evaluate.embed_split(config, s.task, state, s.mesh, split, with_logits=False)
+  facts = s.facts
+  workdir = train.workdir_path(workdir)
   outdir = workdir / "embeddings" / split_dirname(split)
   if jax.process_index() != 0:
     return outdir

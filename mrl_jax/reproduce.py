@@ -159,7 +159,7 @@ def reproduce(config, workdir, *, methods=METHODS, ff_dims=None,
               train_fn: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
   """Runs (or skips, when finished) every run, then writes the report; returns results.json."""
   train_fn = train_fn or train.run
-  workdir = train._absolute(workdir)  # pylint: disable=protected-access
+  workdir = train.workdir_path(workdir)
   runs = run_configs(config, methods, ff_dims)
   # Every variant's config is checked before the first one trains.
   mesh = sharding.create_mesh(config.mesh)

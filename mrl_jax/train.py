@@ -203,12 +203,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   `devices` (default: all) are the devices the mesh is laid over.
   """
-  workdir = _absolute(workdir)
+  workdir = workdir_path(workdir)
   is_main = jax.process_index() == 0
 
-  # Mesh first: the config checks need the number of batch shards.
-  mesh = sharding.create_mesh(config.mesh, devices)
-  facts = check_config(config, mesh)
+  # Mesh, config checks, model and optimizer, the state's shardings.
+  s = setup(config, devices=devices)
+  mesh, facts, task, tx = s.mesh, s.facts, s.task, s.tx
+  init_fn, abstract_state, state_sharding = s.init_fn, s.abstract_state, s.state_sharding
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +223,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = iter(train_loader)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  # Model, optimizer, train state (initialised directly in its sharding).
-  task, tx, init_fn, abstract_state, state_sharding = setup_state(config, facts, mesh)
+  # Train state: initialised directly in its sharding, or restored below.
   schedule = build_schedule(config, total_steps)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
   logging.info("Model: %s %s, %.2fM parameters", config.model.name,
@@ -317,30 +317,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir` (no training)."""
-  workdir = _absolute(workdir)
-  mesh = sharding.create_mesh(config.mesh)
-  facts = check_config(config, mesh)
-  task, _, _, abstract_state, _ = setup_state(config, facts, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
-  latest, state = ckpt.restore_latest(abstract_state)
-  if latest is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {workdir / 'checkpoints'}: --mode=eval evaluates a "
-        "trained model. Fix: train first (same command without --mode=eval).")
-  with jax.set_mesh(mesh):
-    results = evaluate.evaluate(config, facts, task, state, mesh, step=latest,
-                                outdir=workdir / "eval")
-  ckpt.close()
-  return results
+  s = setup(config)
+  step, state = restore_model(s, workdir, mode="eval")
+  with jax.set_mesh(s.mesh):
+    return evaluate.evaluate(config, s.facts, s.task, state, s.mesh, step=step,
+                             outdir=workdir_path(workdir) / "eval")
 
 
-def _absolute(workdir) -> epath.Path:
+def workdir_path(workdir) -> epath.Path:
   # Orbax needs absolute paths; remote ones (gs://...) already are.
   path = epath.Path(workdir)
   return path if "://" in str(workdir) else epath.Path(path.absolute())
 
 
-class StateSetup(NamedTuple):
+class Setup(NamedTuple):
+  """What every mode builds from a config before it computes anything."""
+  mesh: jax.sharding.Mesh
+  facts: dict[str, Any]  # `check_config`'s: dataset, nesting dims, weights, ...
   task: Any  # tasks.ClassificationTask | tasks.ContrastiveTask
   tx: optax.GradientTransformation
   init_fn: Any  # () -> train state
@@ -348,16 +341,47 @@ class StateSetup(NamedTuple):
   state_sharding: Any
 
 
-def setup_state(config, facts, mesh) -> StateSetup:
-  """Task, optimizer and the abstract train state with its shardings (nothing
-  allocated): what training, evaluation, export and compilation share."""
+def setup(config, *, devices=None, dataset=None, vocab_size=None,
+          process_count=None) -> Setup:
+  """Mesh, config checks, task, optimizer and the abstract train state with
+  its shardings (nothing allocated): the one setup of training, --mode=eval,
+  --mode=embed and --mode=compile.
+
+  `devices` (default: all) are the devices the mesh is laid over; `dataset`,
+  `vocab_size` and `process_count` go to `check_config` (compile passes them
+  for a TPU slice this host is not part of).
+  """
+  mesh = sharding.create_mesh(config.mesh, devices)
+  facts = check_config(config, mesh, dataset=dataset, vocab_size=vocab_size,
+                       process_count=process_count)
   task = tasks.get_task(config, facts)
   total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
   tx = build_optimizer(config, total_steps)
   init_fn = functools.partial(task.init_state, tx)
   abstract_state, state_sharding = abstract_train_state(
       init_fn, mesh, config.get("sharding_rules"))
-  return StateSetup(task, tx, init_fn, abstract_state, state_sharding)
+  return Setup(mesh, facts, task, tx, init_fn, abstract_state, state_sharding)
+
+
+# The parts of the train state a trained model is: evaluation and export
+# restore these only, not the optimizer state.
+MODEL_KEYS = ("params", "rest")
+
+
+def restore_model(s: Setup, workdir, *, mode: str) -> tuple[int, dict[str, Any]]:
+  """(step, {'params', 'rest'}) of the newest checkpoint in `workdir`."""
+  workdir = workdir_path(workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+  try:
+    model = {k: s.abstract_state[k] for k in MODEL_KEYS}
+    step, state = ckpt.restore_latest(model, partial=True)
+  finally:
+    ckpt.close()
+  if step is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {workdir / 'checkpoints'}: --mode={mode} needs a trained "
+        f"model. Fix: train first (same command without --mode={mode}).")
+  return step, state
 
 
 def abstract_train_state(init_fn, mesh, rules=None):

@@ -128,11 +128,9 @@ def test_loops_are_counted_unrolled_or_analytically(monkeypatch):
 
 
 def _train_step_report(config, topology="v5e:2x2"):
-  devices = compile_lib.topology_devices(topology)
-  mesh = sharding.create_mesh(config.mesh, devices)
-  facts = train.check_config(config, mesh, dataset=compile_lib.dataset_facts(config),
-                             process_count=1)
-  fn, args, m = compile_lib.programs(config, facts, mesh)["train_step"]
+  s = train.setup(config, devices=compile_lib.topology_devices(topology),
+                  dataset=compile_lib.dataset_facts(config), process_count=1)
+  fn, args, m = compile_lib.programs(config, s)["train_step"]
   return compile_lib.measure(fn, args, m, compile_lib.CHIPS[topology.split(":")[0]])
 
 
@@ -173,11 +171,10 @@ def test_fsdp_splits_parameters_and_optimizer_state():
   state_bytes = {}
   for name, mesh in (("dp", {}), ("fsdp", {"mesh.data": 1, "mesh.fsdp": -1})):
     config = tiny_vit(**tpu_shapes, **mesh)
-    devices = compile_lib.topology_devices("v5e:2x2")
-    mesh = sharding.create_mesh(config.mesh, devices)
-    facts = train.check_config(config, mesh, dataset=compile_lib.dataset_facts(config),
-                               process_count=1)
-    step, (state, batch), _ = compile_lib.programs(config, facts, mesh)["train_step"]
+    s = train.setup(config, devices=compile_lib.topology_devices("v5e:2x2"),
+                    dataset=compile_lib.dataset_facts(config), process_count=1)
+    mesh = s.mesh
+    step, (state, batch), _ = compile_lib.programs(config, s)["train_step"]
     chip = compile_lib.CHIPS["v5e"]
     batch_only = compile_lib.measure(jax.jit(lambda b: jax.tree.map(jnp.sum, b)), (batch,),
                                      mesh, chip)

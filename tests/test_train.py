@@ -64,6 +64,11 @@ def test_train_writes_results_at_every_dim(fake_dataset_dir, tmp_path):
   evaluated = train.run_eval(config, str(tmp_path))
   assert evaluated["step"] == 6
   assert evaluated["metrics"] == results["metrics"]
+  # It restores the model (params and model state) only, not the optimizer
+  # state: a config with another optimizer evaluates the same checkpoint.
+  other = config.copy_and_resolve_references()
+  other.optimizer.name = "sgd"
+  assert train.run_eval(other, str(tmp_path))["metrics"] == results["metrics"]
 
 
 def test_periodic_eval_inside_the_loop(fake_dataset_dir, tmp_path):

@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from mrl_jax import prefix
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import retrieval
 
@@ -49,7 +50,6 @@ DEFAULT_GRID = 40          # per-dim quantiles of the holdout confidences
 DEFAULT_TOLERANCE = 0.005  # "within 0.5 pt of the full-dim accuracy"
 # Float32 bytes of gathered rows re-ranked at once (bounds the funnel's memory).
 _RERANK_BYTES = 64 << 20
-_SQ_NORM_EPS = 1e-24  # as knn.py: zero prefixes score 0, not NaN
 
 
 # ----------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def _rerank(queries, database, shortlist, m: int, size: int) -> np.ndarray:
     x = database[rows, :m]  # [q, K, m]
     # Dividing by the query's norm would not change its ranking.
     dots = np.matmul(x, queries[sl, :m, None])[..., 0]
-    s = dots / np.sqrt(np.maximum(np.einsum("qkm,qkm->qk", x, x), _SQ_NORM_EPS))
+    s = dots / np.sqrt(np.maximum(np.einsum("qkm,qkm->qk", x, x), prefix.SQ_NORM_EPS))
     order = np.argsort(-s, axis=1, kind="stable")[:, :size]
     out[sl] = np.take_along_axis(rows, order, axis=1)
   return out

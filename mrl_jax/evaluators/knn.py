@@ -52,9 +52,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-# Squared prefix norms are floored here, so zero prefixes score 0, not NaN
-# (the same floor as mrl_jax.matryoshka.truncate).
-_SQ_NORM_EPS = 1e-24
+from mrl_jax import prefix
+
 # k = 1: (db_chunk, query_chunk) that keep one block in cache.
 _TOP1_CHUNKS = (512, 256)
 # k > 1: rows per group of the top-k prefilter, rows scored at once (all dims)
@@ -83,21 +82,16 @@ def _check_dims(dims, d: int) -> tuple[int, ...]:
   return dims
 
 
-def _chunk_bounds(dims):
-  bounds = (0, *dims)
-  return list(zip(bounds[:-1], bounds[1:]))
-
-
 def _prefix_inv_norms(x, dims):  # [n, d] -> [D, n]
   sq = jnp.stack([jnp.sum(jnp.square(x[:, lo:hi]), axis=-1)
-                  for lo, hi in _chunk_bounds(dims)])
-  return lax.rsqrt(jnp.maximum(jnp.cumsum(sq, axis=0), _SQ_NORM_EPS))
+                  for lo, hi in prefix.chunks(dims)])
+  return lax.rsqrt(jnp.maximum(jnp.cumsum(sq, axis=0), prefix.SQ_NORM_EPS))
 
 
 def _prefix_dots(a, b, dims):
   """Yields a[:, :m] @ b[:, :m].T [n_a, n_b] for m in dims, from chunk products."""
   acc = 0.0
-  for lo, hi in _chunk_bounds(dims):
+  for lo, hi in prefix.chunks(dims):
     # HIGHEST: TPUs would otherwise multiply float32 in bf16 passes, and an
     # exact search must rank the same on every backend.
     acc = acc + jnp.dot(a[:, lo:hi], b[:, lo:hi].T, precision=lax.Precision.HIGHEST)
@@ -142,7 +136,7 @@ def _best_in_group(q, database, inv, db_mask, best_g, dims, group):
     rows = jnp.maximum(best_g[j], 0)[:, None] * group + jnp.arange(group)  # [Qc, g]
     x = database[rows, :m]  # [Qc, g, m]
     acc = 0.0
-    for lo, hi in _chunk_bounds(dims[:j + 1]):  # chunk by chunk, as _prefix_dots
+    for lo, hi in prefix.chunks(dims[:j + 1]):  # chunk by chunk, as _prefix_dots
       acc = acc + jnp.einsum("qgc,qc->qg", x[..., lo:hi], q[:, lo:hi],
                              precision=lax.Precision.HIGHEST)
     s = jnp.where(db_mask[rows], acc * inv[j][rows], -jnp.inf)

@@ -32,11 +32,11 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax import prefix
 from mrl_jax.evaluators import knn
 
 KINDS = ("float32", "int8", "binary")
 _INT8_MAX = 127
-_NORM_EPS = 1e-12
 _SCORE_BYTES = 256 << 20  # float32 [queries, database] scores held at once (int8 search)
 
 
@@ -48,7 +48,7 @@ def _check_kind(kind: str) -> str:
 
 def int8_scale(database) -> np.ndarray:
   """[N, m] -> [m] symmetric per-coordinate scales max_i |x_ij| / 127."""
-  return np.maximum(np.abs(np.asarray(database, np.float32)).max(0), _NORM_EPS) / _INT8_MAX
+  return np.maximum(np.abs(np.asarray(database, np.float32)).max(0), prefix.NORM_EPS) / _INT8_MAX
 
 
 def quantize(x, kind: str, *, scale=None) -> np.ndarray:
@@ -80,8 +80,7 @@ def bytes_per_vector(dims: Sequence[int], kind: str) -> dict[int, int]:
 
 
 def _normalised(x, m):
-  p = x[:, :m]
-  return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), _NORM_EPS)
+  return prefix.normalize_rows(x[:, :m])
 
 
 @functools.partial(jax.jit, static_argnames="k")

@@ -21,14 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
+from mrl_jax import prefix
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_RECALL_KS = (1, 5, 10)
 _CHUNK = 1024
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  norm = np.linalg.norm(x, axis=-1, keepdims=True)
-  return x / np.maximum(norm, 1e-12)
 
 
 def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -44,7 +41,7 @@ def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
 def class_vectors(prompt_embeddings: np.ndarray, num_classes: int, dim: int) -> np.ndarray:
   """[C * T, d] prompt embeddings -> [C, dim] unit class vectors at `dim`."""
   per_class = prompt_embeddings.reshape(num_classes, -1, prompt_embeddings.shape[-1])
-  return _normalize(_normalize(per_class[..., :dim]).mean(axis=1))
+  return prefix.normalize_rows(prefix.normalize_rows(per_class[..., :dim]).mean(axis=1))
 
 
 def zeroshot_accuracy(image_embeddings: np.ndarray, labels: np.ndarray,
@@ -59,7 +56,7 @@ def zeroshot_accuracy(image_embeddings: np.ndarray, labels: np.ndarray,
   out = {}
   for m in dims:
     classes = class_vectors(prompt_embeddings, num_classes, m)  # [C, m]
-    queries = _normalize(image_embeddings[:, :m])
+    queries = prefix.normalize_rows(image_embeddings[:, :m])
     pred = np.concatenate([np.argmax(queries[i:i + _CHUNK] @ classes.T, axis=1)
                            for i in range(0, len(queries), _CHUNK)]) if len(queries) else []
     out[m] = float(np.mean(np.asarray(pred) == labels)) if len(labels) else 0.0
@@ -95,8 +92,8 @@ def image_text_recall(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   position = np.cumsum(mask) - 1  # caption (i, j) -> column among kept ones
   out = {f"{d}_recall@{k}": {} for d in ("i2t", "t2i") for k in ks}
   for m in dims:
-    images = _normalize(image_embeddings[:, :m])
-    texts = _normalize(texts_all[:, :m])
+    images = prefix.normalize_rows(image_embeddings[:, :m])
+    texts = prefix.normalize_rows(texts_all[:, :m])
     # i2t: best rank over the image's own captions.
     best = np.full(n, np.iinfo(np.int64).max)
     for i in range(0, n, _CHUNK):
