@@ -436,7 +436,7 @@ def programs(config, s: train.Setup) -> dict[str, tuple[Callable, tuple, Any]]:
     dims = knn.eval_dims(facts["nesting_dims"])
     search_mesh = knn.default_mesh(mesh.devices.flat)
     plan = knn.search_plan(num[config.dataset.eval_split], num[config.dataset.train_split],
-                           len(dims), k, search_mesh.devices.size)
+                           len(dims), k, search_mesh.devices.size, platform="tpu")
     out["knn_search"] = (*knn.search_program(search_mesh, facts["nesting_dims"][-1], dims,
                                              k, plan), search_mesh)
   return out

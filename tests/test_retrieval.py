@@ -171,6 +171,48 @@ def test_sharded_equals_single_device():
     assert (db_mask[single[1]]).all()
 
 
+def _brute_force(queries, database, db_mask, m, k):
+  """Top-k rows by cosine at prefix m, ties to the lower row (float64)."""
+  def unit(z):
+    z = z[:, :m].astype(np.float64)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  s = np.where(db_mask[None, :], unit(queries) @ unit(database).T, -np.inf)
+  order = np.lexsort((np.broadcast_to(np.arange(len(database)), s.shape), -s), axis=1)
+  return order[:, :k]
+
+
+@pytest.mark.parametrize("n, k", [(150, 1), (150, 100), (5, 1), (5, 7)])
+def test_database_sharded_over_the_ring_equals_brute_force(n, k):
+  """The database is split over the 8 devices and travels around them: the
+  same neighbours as one device and as brute force, ties across shards to the
+  lower row, padding and masked rows never returned, a database smaller than
+  the device count, k larger than a shard (and than the database)."""
+  rng = np.random.default_rng(3)
+  database = rng.normal(size=(n, 8)).astype(np.float32)
+  if n > 100:
+    database[130] = database[3]  # exact ties: shard 0 and shard 6 of 8
+    database[77] = 2.0 * database[20]
+  queries = np.concatenate([database[[3, min(20, n - 1)]], rng.normal(size=(9, 8))]).astype(np.float32)
+  db_mask = np.ones(n, bool)
+  db_mask[1] = False
+  one = jax.make_mesh((1,), ("queries",), devices=jax.devices()[:1],
+                      axis_types=(jax.sharding.AxisType.Auto,))
+  dims = [2, 8]
+  single = knn.knn_search(queries, database, dims, k, db_mask=db_mask, mesh=one)
+  sharded = knn.knn_search(queries, database, dims, k, db_mask=db_mask)
+  np.testing.assert_array_equal(sharded[1], single[1])
+  np.testing.assert_array_equal(sharded[0], single[0])
+  valid = min(k, db_mask.sum())
+  for j, m in enumerate(dims):
+    np.testing.assert_array_equal(sharded[1][j, :, :valid],
+                                  _brute_force(queries, database, db_mask, m, valid))
+  assert (sharded[1][:, :, valid:] == -1).all()  # fewer valid rows than k
+  assert not np.isin(sharded[1], [1]).any()  # the masked row
+  if n > 100:  # the ties: the lower row first
+    assert (sharded[1][:, 0, :2] == [3, 130][:k]).all()
+    assert (sharded[1][1, 1, :2] == [20, 77][:k]).all()  # same cosine at the full dim
+
+
 # ----------------------------------------------------------------------------
 # kNN votes and ties, end to end.
 # ----------------------------------------------------------------------------

@@ -34,9 +34,12 @@ chunk matmuls with the per-dim reductions, so it writes and re-reads a score
 block per dim; `benchmarks/knn.py` times it against FAISS's exact search at
 the full dim.
 
-Queries are split over the devices (`mesh`, default: all of them); each
-device holds the whole database and searches its queries without any
-communication.
+Queries and database are both split over the devices (`mesh`, default: all
+of them). Each device searches its queries against its own database shard,
+then against the next device's, the shards travelling around the ring of
+devices (`_ring_search`) and the running top-k merged at every step (ties to
+the lower row): a device holds two database shards at a time, so the
+database can be as large as the devices' memory together.
 """
 from __future__ import annotations
 
@@ -222,15 +225,54 @@ def _search(queries, database, db_mask, *, dims, k, db_chunk, query_chunk):
   return merge(scores), merge(indices)
 
 
+def _merge(a_s, a_i, b_s, b_i, k):
+  """The top k of two [D, Q, k] lists: higher score first, then lower row."""
+  s = jnp.concatenate([a_s, b_s], axis=-1)
+  i = jnp.concatenate([a_i, b_i], axis=-1)
+  # 0 - s: -s would give -0.0 for a score of 0, which sorts before +0.0.
+  key = jnp.where(i < 0, jnp.iinfo(jnp.int32).max, i)  # empty slots last
+  neg, _, i = lax.sort((0.0 - s, key, i), dimension=-1, num_keys=2)
+  return 0.0 - neg[..., :k], i[..., :k]
+
+
+def _ring_search(queries, database, db_mask, *, axes, n, k, **static):
+  """`_search` of this device's queries against every device's database shard.
+
+  The shards travel around the ring of the `n` devices (`ppermute`), the
+  next one sent while this one is searched; each step's top-k (rows made
+  global by the shard's offset) is merged into the running one, ties to the
+  lower row. A device holds two shards at a time, never the whole database.
+  """
+  rows = database.shape[0]
+  me = lax.axis_index(axes)
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def visit(s, best, shard):
+    scores, idx = _search(queries, *shard, k=k, **static)
+    owner = (me - s) % n  # at step s this device holds device (me - s)'s shard
+    return _merge(*best, scores, jnp.where(idx >= 0, idx + owner * rows, -1), k)
+
+  def body(s, state):
+    best, shard = state
+    following = lax.ppermute(shard, axes, perm)
+    return visit(s, best, shard), following
+
+  shape = (len(static["dims"]), queries.shape[0], k)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, -1, jnp.int32))
+  best, shard = lax.fori_loop(0, n - 1, body, (init, (database, db_mask)))
+  return visit(n - 1, best, shard)
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_search(mesh, **static):
-  """`_search` with the queries split over every axis of `mesh`, jitted once per setting."""
-  axes = P(mesh.axis_names)
-  # The database and its mask are replicated: each device answers its own
-  # queries with no communication.
+  """The search with queries and database split over every axis of `mesh`,
+  jitted once per setting: one device searches directly, more in a ring."""
+  axes = mesh.axis_names
+  n = mesh.devices.size
+  search = (functools.partial(_search, **static) if n == 1 else
+            functools.partial(_ring_search, axes=axes, n=n, **static))
   return jax.jit(jax.shard_map(
-      functools.partial(_search, **static), mesh=mesh,
-      in_specs=(axes, P(), P()), out_specs=(P(None, mesh.axis_names),) * 2,
+      search, mesh=mesh, in_specs=(P(axes),) * 3, out_specs=(P(None, axes),) * 2,
       check_vma=False))
 
 
@@ -262,8 +304,8 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
       [D, 64, db_chunk] holds (one chunk for 60k rows at 13 dims), rounded to
       whole 1024-row sub-blocks.
     db_mask: optional [N] bool/0-1; rows with 0 (padding) are never returned.
-    mesh: devices to split the queries over (all its axes); None = every
-      device. Results do not depend on it.
+    mesh: devices to split the queries and the database over (all its
+      axes); None = every device. Results do not depend on it.
 
   Returns:
     NumPy scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k]
@@ -284,6 +326,7 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
              else np.asarray(db_mask).astype(bool).reshape(n))
   mesh = default_mesh() if mesh is None else mesh
   plan = search_plan(num_q, n, len(dims), k, mesh.devices.size,
+                     platform=mesh.devices.flat[0].platform,
                      db_chunk=db_chunk, query_chunk=query_chunk)
 
   def pad_to(x, size):
@@ -296,8 +339,8 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   with jax.set_mesh(mesh):
     scores, indices = search(
         _to_global(pad_to(queries, plan.num_queries), mesh, P(mesh.axis_names)),
-        _to_global(pad_to(database, plan.num_database), mesh, P()),
-        _to_global(pad_to(db_mask, plan.num_database), mesh, P()))
+        _to_global(pad_to(database, plan.num_database), mesh, P(mesh.axis_names)),
+        _to_global(pad_to(db_mask, plan.num_database), mesh, P(mesh.axis_names)))
   return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
 
 
@@ -314,14 +357,19 @@ class SearchPlan(NamedTuple):
   db_chunk: int
   query_chunk: int
   num_queries: int  # queries padded to whole query chunks on every shard
-  num_database: int  # database rows padded to whole chunks
+  num_database: int  # database rows padded to whole chunks on every shard
 
 
 def search_plan(num_queries: int, num_database: int, num_dims: int, k: int,
                 shards: int, *, db_chunk: int | None = None,
-                query_chunk: int | None = None) -> SearchPlan:
-  """The blocking `knn_search` uses (see its docstring for the defaults)."""
-  n = num_database
+                query_chunk: int | None = None, platform: str = "cpu") -> SearchPlan:
+  """The blocking `knn_search` uses (see its docstring for the defaults).
+
+  Queries and database are both split over the `shards` devices; the chunk
+  sizes are per device. On a TPU the score buffer's last axis (groups of
+  16 rows) is padded to 128 lanes, so it gets 1/8 of the rows.
+  """
+  n = -(-max(num_database, 1) // shards)  # database rows per shard
   per_shard = -(-max(num_queries, 1) // shards)
   if k == 1:
     db_chunk = db_chunk or _TOP1_CHUNKS[0]
@@ -329,8 +377,11 @@ def search_plan(num_queries: int, num_database: int, num_dims: int, k: int,
   else:
     query_chunk = query_chunk or _TOPK_QUERY_CHUNK
     if not db_chunk:
-      rows = _TOPK_BUFFER_BYTES // (4 * num_dims * min(query_chunk, per_shard))
-      db_chunk = max(_SUB_BLOCK, rows // _SUB_BLOCK * _SUB_BLOCK)
+      lanes = 128 // _GROUP if platform == "tpu" else 1
+      rows = _TOPK_BUFFER_BYTES // (4 * num_dims * min(query_chunk, per_shard) * lanes)
+      # As many rows as the buffer holds, in equal chunks (little padding).
+      chunks = -(-n // max(_SUB_BLOCK, rows // _SUB_BLOCK * _SUB_BLOCK))
+      db_chunk = -(-n // (chunks * _SUB_BLOCK)) * _SUB_BLOCK
   db_chunk = max(1, int(db_chunk))
   if db_chunk >= n:  # one chunk: pad the database to whole groups (sub-blocks) only
     unit = _SUB_BLOCK if k > 1 and n > _SUB_BLOCK else _GROUP
@@ -338,7 +389,7 @@ def search_plan(num_queries: int, num_database: int, num_dims: int, k: int,
   query_chunk = max(1, min(int(query_chunk), per_shard))
   per_shard = -(-per_shard // query_chunk) * query_chunk
   return SearchPlan(db_chunk, query_chunk, per_shard * shards,
-                    max(1, -(-n // db_chunk)) * db_chunk)
+                    max(1, -(-n // db_chunk)) * db_chunk * shards)
 
 
 def search_program(mesh, d: int, dims, k: int, plan: SearchPlan):
@@ -347,9 +398,10 @@ def search_program(mesh, d: int, dims, k: int, plan: SearchPlan):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, partition))
   search = _sharded_search(mesh, dims=tuple(dims), k=k, db_chunk=plan.db_chunk,
                            query_chunk=plan.query_chunk)
-  return search, (spec((plan.num_queries, d), jnp.float32, P(mesh.axis_names)),
-                  spec((plan.num_database, d), jnp.float32, P()),
-                  spec((plan.num_database,), jnp.bool_, P()))
+  axes = P(mesh.axis_names)
+  return search, (spec((plan.num_queries, d), jnp.float32, axes),
+                  spec((plan.num_database, d), jnp.float32, axes),
+                  spec((plan.num_database,), jnp.bool_, axes))
 
 
 # ----------------------------------------------------------------------------
