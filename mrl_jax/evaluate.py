@@ -8,6 +8,8 @@ docs/ARCHITECTURE.md) by `mrl_jax.report`.
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from typing import Any, Callable
 
@@ -39,6 +41,9 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# The jitted steps are cached per task (and mesh): every evaluation of a run
+# reuses them, so a periodic evaluation compiles once, not at every eval.
+@functools.lru_cache(maxsize=None)
 def make_embed_step(task, *, with_logits: bool):
   """Jitted `(params, rest, images [B, H, W, C]) -> (logits [M, B, C] | None, emb [B, d])`."""
   with_logits = with_logits and task.has_logits
@@ -50,6 +55,7 @@ def make_embed_step(task, *, with_logits: bool):
   return embed_step
 
 
+@functools.lru_cache(maxsize=None)
 def make_embed_text_step(task):
   """Jitted `(params, rest, ids [B, K, L]) -> [B, K, d]`: K captions per example."""
   @jax.jit
@@ -99,6 +105,11 @@ def embed_split(config, task, state, mesh, split: str, *, with_logits: bool,
   return result
 
 
+@functools.lru_cache(maxsize=None)
+def _embed_texts_step(task, mesh):
+  return jax.jit(task.embed_texts, out_shardings=sharding.replicated(mesh))
+
+
 def embed_texts(config, task, state, mesh, texts: list[str]) -> np.ndarray:
   """[len(texts), d] text-tower embeddings of `texts` (e.g. zero-shot prompts)."""
   tokenizer = input_pipeline.load_tokenizer(config)
@@ -109,8 +120,7 @@ def embed_texts(config, task, state, mesh, texts: list[str]) -> np.ndarray:
   padded[:len(ids)] = ids
   g = jax.make_array_from_process_local_data(
       sharding.replicated(mesh), padded)
-  emb = jax.jit(task.embed_texts, out_shardings=sharding.replicated(mesh))(
-      state["params"], state["rest"], g)
+  emb = _embed_texts_step(task, mesh)(state["params"], state["rest"], g)
   return np.asarray(emb.addressable_data(0))[:len(texts)].astype(np.float32)
 
 

@@ -302,9 +302,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           _write_eval_scalars(writer, step, results)
 
     ckpt.wait_until_finished()
-    # Final evaluation at every dimension, written to workdir/eval.
-    results = evaluate.evaluate(config, facts, task, state, mesh, step=int(state["step"]),
-                                outdir=workdir / "eval")
+    # Final evaluation at every dimension, written to workdir/eval; under the
+    # mesh as the periodic ones, so it reuses their compiled programs.
+    with jax.set_mesh(mesh):
+      results = evaluate.evaluate(config, facts, task, state, mesh, step=int(state["step"]),
+                                  outdir=workdir / "eval")
     _write_eval_scalars(writer, int(state["step"]), results)
   finally:
     # Also on Ctrl-C or an error: an in-flight checkpoint still commits and

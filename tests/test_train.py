@@ -1,5 +1,6 @@
 """End-to-end: training, evaluation outputs, exact resume, config errors."""
 import json
+import logging
 
 import jax
 import numpy as np
@@ -71,11 +72,21 @@ def test_train_writes_results_at_every_dim(fake_dataset_dir, tmp_path):
   assert train.run_eval(other, str(tmp_path))["metrics"] == results["metrics"]
 
 
-def test_periodic_eval_inside_the_loop(fake_dataset_dir, tmp_path):
+def test_periodic_eval_inside_the_loop(fake_dataset_dir, tmp_path, caplog):
   # Evaluations during training run under the trainer's mesh (kNN has its own).
   config = small_config(fake_dataset_dir, eval_every_steps=3, num_train_steps=4)
-  results = train.run(config, str(tmp_path))
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    results = train.run(config, str(tmp_path))
   assert results["step"] == 4 and {"linear_top1", "knn_top1"} <= set(results["metrics"])
+  # Two evaluations (steps 3 and 4), each embedding two splits: the embedding
+  # steps and the search compile once for the whole run.
+  compiles = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling ")]
+  # (One embedding step with the heads' logits, for the eval split, one
+  # without, for the train split.)
+  assert sum("jit(embed_step)" in m for m in compiles) == 2, compiles
+  for name in ("jit(_search)", "jit(_ring_search)"):
+    assert sum(name in m for m in compiles) <= 1, (name, compiles)
 
 
 class _Interrupt(Exception):
