@@ -29,9 +29,11 @@ setuptools.setup(
     extras_require={
         # libtpu compiles for TPU topologies on any Linux host (--mode=compile
         # and its tests); on a TPU VM the [tpu] extra brings the same library.
-        "test": ["pytest>=8", "libtpu; platform_system == 'Linux'"],
+        # FAISS: the funnel evaluator's ANN first stage (index='hnsw' / 'ivf'), tested too.
+        "test": ["pytest>=8", "libtpu; platform_system == 'Linux'", "faiss-cpu>=1.8"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
+        "faiss": ["faiss-cpu>=1.8"],
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/knn.py compares the kNN search with FAISS
     },
 )

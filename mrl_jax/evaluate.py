@@ -22,6 +22,7 @@ import numpy as np
 from mrl_jax import sharding
 from mrl_jax.data import input_pipeline
 from mrl_jax.evaluators import adaptive
+from mrl_jax.evaluators import ann
 from mrl_jax.evaluators import baselines
 from mrl_jax.evaluators import classification
 from mrl_jax.evaluators import knn
@@ -356,6 +357,15 @@ def _funnel_config(cfg, facts, num_db: int | None, name: str = "<name>"):
   return out, ks
 
 
+def _funnel_index(cfg, name: str = "<name>"):
+  """(index, options) of a funnel evaluator: a FAISS first stage, or (None, {})."""
+  index = cfg.get("index")
+  if index is None:
+    return None, {}
+  options = {k: cfg[k] for k in cfg if k in {o for opts in ann.INDEXES.values() for o in opts}}
+  return index, ann.check_index(index, options, f"config.evals.{name}")
+
+
 def _funnel(cfg, facts, splits):
   """Funnel retrieval vs exact full-dim search (`adaptive.funnel_metrics`).
 
@@ -367,9 +377,12 @@ def _funnel(cfg, facts, splits):
   """
   db, q = splits["train"], splits["eval"]
   funnels, ks = _funnel_config(cfg, facts, len(db["label"]))
+  index, options = _funnel_index(cfg)
+  kw = (dict(index=index, index_options=options) if index
+        else dict(db_chunk=cfg.get("db_chunk")))
   rows = adaptive.funnel_metrics(q["embedding"], q["label"], db["embedding"], db["label"],
                                  funnels, ks, field=cfg.get("_field", "funnels") + ".funnels",
-                                 db_chunk=cfg.get("db_chunk"))
+                                 **kw)
   d = db["embedding"].shape[1]
   for fname, row in rows.items():
     row["stages"] = [[d, ks[-1]]] if fname == "exact" else [list(s) for s in funnels[fname]]
@@ -563,6 +576,7 @@ def check_evals(config, facts) -> int:
                          "of positive expected-dims budgets, or None (the eval dims).")
     elif kind == "funnel":
       _funnel_config(cfg, facts, num_db, name)
+      _funnel_index(cfg, name)
     elif kind == "quantized":
       _quantized_kinds(cfg, name)
       k = cfg.get("k", 1)

@@ -143,6 +143,18 @@ def funnel_markdown(section: dict[str, Any], heading: str = "##") -> list[str]:
                  + f" | {100 * row['knn_top1']:.2f} | {row['mflops_per_query']:.3f} | "
                  f"{row['flops_reduction_vs_exact']:.1f}x | {row['seconds']:.3f} | "
                  f"{row['speedup_vs_exact']:.1f}x |")
+  ann = {name: row for name, row in section.items() if "first_stage" in row}
+  if not ann:
+    return lines + ["", "First stages are exact (brute force) searches; a FAISS index "
+                    "(`index='hnsw'` or `'ivf'`, with `pip install '.[faiss]'`) times the "
+                    "funnel as an ANN engine runs it."]
+  lines += ["", "First stage, share of the exact top-k found, vectors scored per query and "
+            "index build time:", "",
+            "| search | first stage | recall of exact | distances/query | build (s) |",
+            "|---|---|---|---|---|"]
+  for name, row in ann.items():
+    lines.append(f"| {name} | {row['first_stage']} | {100 * row['recall_of_exact']:.2f} % | "
+                 f"{row['distances_per_query']:.0f} | {row['build_seconds']:.2f} |")
   return lines
 
 

@@ -36,12 +36,14 @@ is O(K) per stage, and the top-k selection are not counted).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 import math
 import time
 
 import numpy as np
 
 from mrl_jax import prefix
+from mrl_jax.evaluators import ann
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import retrieval
 
@@ -408,7 +410,8 @@ def _timed(fn, warmup: bool):
 def funnel_metrics(query_emb, query_labels, db_emb, db_labels,
                    funnels: Mapping[str, Sequence[tuple[int, int]]],
                    ks: Sequence[int] = (10,), *, warmup: bool = True,
-                   field: str = "funnels", **search_kwargs) -> dict[str, dict[str, float]]:
+                   field: str = "funnels", index: str | None = None,
+                   index_options=None, **search_kwargs) -> dict[str, dict[str, float]]:
   """Retrieval quality, cost and time of each funnel against exact full-dim search.
 
   Returns {name: {'map@k', 'precision@k', 'recall@k' (for k in ks),
@@ -418,7 +421,14 @@ def funnel_metrics(query_emb, query_labels, db_emb, db_labels,
   `knn.knn_accuracy` on the funnel's top max(ks). 'seconds' is the wall time
   of one search over all queries, after an untimed warm-up run that compiles
   it (warmup=False times the first run).
+
+  With `index` ('hnsw' or 'ivf', options `index_options`: `ann.INDEXES`)
+  each funnel's first stage is a FAISS index at its dim, and 'exact' is
+  FAISS's exact `IndexFlatIP` at the full dim (`ann_metrics`).
   """
+  if index is not None:
+    return ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks,
+                       index=index, options=index_options, field=field)
   db_emb = np.asarray(db_emb, np.float32)
   query_emb = np.asarray(query_emb, np.float32)
   num_db, d = db_emb.shape
@@ -444,5 +454,62 @@ def funnel_metrics(query_emb, query_labels, db_emb, db_labels,
     row["flops_reduction_vs_exact"] = exact_mflops / row["mflops_per_query"]
     row["seconds"] = seconds
     row["speedup_vs_exact"] = out["exact"]["seconds"] / seconds if out else 1.0
+    out[name] = row
+  return out
+
+
+def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *,
+                index: str, options=None, field: str = "funnels") -> dict[str, dict[str, Any]]:
+  """`funnel_metrics` with each funnel's shortlist from a FAISS index.
+
+  Rows as `funnel_metrics`' plus 'first_stage' (the index), 'recall_of_exact'
+  (the share of the exact top max(ks) found), 'distances_per_query'
+  (vectors scored: the index's count at the first dim, then each re-ranked
+  shortlist), 'build_seconds' (the index, not in 'seconds') and
+  'first_stage_seconds' (the index search, in 'seconds'). MFLOPs
+  count 2 per multiply-add of those distances.
+  """
+  options = ann.check_index(index, options, field)
+  db_emb = np.asarray(db_emb, np.float32)
+  query_emb = np.asarray(query_emb, np.float32)
+  num_db, d = db_emb.shape
+  ks = retrieval.check_ks(ks, num_db, field="ks")
+  kmax = ks[-1]
+  runs = {name: _check_stages(stages, d, num_db, f"{field}.{name}")
+          for name, stages in funnels.items()}
+  reference = ann.exact(query_emb, db_emb, kmax)
+  out = {}
+  for name, stages in {"exact": [(d, kmax)], **runs}.items():
+    if name == "exact":
+      found, seconds, build = reference.indices, reference.seconds, reference.build_seconds
+      distances, mflops = float(num_db), 2 * num_db * d / 1e6
+      first, first_seconds = "flat (exact)", seconds
+    else:
+      (d0, k0), rest = stages[0], stages[1:]
+      shortlist = ann.search(query_emb, db_emb, d0, k0, index, options)
+      start = time.perf_counter()
+      found = shortlist.indices.astype(np.int32)
+      for m, size in rest:
+        found = _rerank(query_emb, db_emb, found, m, size)
+      seconds = shortlist.seconds + time.perf_counter() - start
+      build, first, first_seconds = shortlist.build_seconds, index, shortlist.seconds
+      later = [before for (_, before), _ in zip(stages, stages[1:])]
+      distances = shortlist.distances_per_query + sum(later)
+      mflops = 2 * (shortlist.distances_per_query * d0
+                    + sum(b * m for b, (m, _) in zip(later, rest))) / 1e6
+    found = np.asarray(found)[:, :kmax]
+    m = stages[-1][0]
+    metrics = retrieval.retrieval_metrics(found[None], db_labels, query_labels, [m], ks)
+    row = {metric: per_dim[m] for metric, per_dim in metrics.items()}
+    row["knn_top1"] = knn.knn_accuracy(found[None], db_labels, query_labels, [m], k=1)[m]
+    row["recall_of_exact"] = float(np.mean([
+        len(np.intersect1d(a, b)) / kmax for a, b in zip(found, reference.indices)]))
+    row["first_stage"] = first
+    row["distances_per_query"] = distances
+    row["mflops_per_query"] = mflops
+    row["flops_reduction_vs_exact"] = 2 * num_db * d / 1e6 / mflops
+    row["seconds"], row["build_seconds"] = seconds, build
+    row["first_stage_seconds"] = first_seconds  # the rest is the exact re-ranking
+    row["speedup_vs_exact"] = reference.seconds / seconds
     out[name] = row
   return out
