@@ -186,7 +186,7 @@ def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
     sums = _softplus_sums(plan, x, y, a, c, _varying(plan, bias))
     return _psum(plan, sums) / total
   lse_r, lse_c = _softmax_lses(plan, x, y, a, c)  # [M, b] each
-  diag = _row_sums(x.astype(jnp.float32) * y.astype(jnp.float32), dims) * a * c
+  diag = prefix.row_sums(x.astype(jnp.float32) * y.astype(jnp.float32), dims) * a * c
   loss = (0.5 * (jnp.sum(lse_r, 1) + jnp.sum(lse_c, 1))
           - (1.0 - eps) * jnp.sum(diag, 1))
   loss = _psum(plan, loss) / total
@@ -199,15 +199,6 @@ def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
     v = _psum(plan, jnp.einsum('mi,if->mf', c, y.astype(jnp.float32)))
     loss = loss - eps * jnp.sum(u * v * mask, 1) / total**2
   return loss
-
-
-def _row_sums(v, dims):
-  """[b, d] -> [M, b]: sum over the first m features of each row, every m."""
-  out, run = [], 0.0
-  for lo, hi in prefix.chunks(dims):
-    run = run + jnp.sum(v[:, lo:hi], axis=-1)
-    out.append(run)
-  return jnp.stack(out)
 
 
 def _dots(dims, x, y):

@@ -152,15 +152,21 @@ def chunks(nesting_dims: Sequence[int]) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def inv_norms(z, nesting_dims) -> jax.Array:
-  """1 / |z[:, :m]| for every prefix: z [n, d] -> [M, n] float32 (jax)."""
-  sq = jnp.square(z.astype(jnp.float32))
+def row_sums(v, nesting_dims) -> jax.Array:
+  """v [n, d] -> [M, n]: each row's sum over its first m features, every m
+  (running sums over the chunks; jax)."""
   run, out = 0.0, []
   for lo, hi in chunks(nesting_dims):
-    run = run + jnp.sum(sq[:, lo:hi], axis=-1)
+    run = run + jnp.sum(v[:, lo:hi], axis=-1)
     out.append(run)
+  return jnp.stack(out)
+
+
+def inv_norms(z, nesting_dims) -> jax.Array:
+  """1 / |z[:, :m]| for every prefix: z [n, d] -> [M, n] float32 (jax)."""
+  sq = row_sums(jnp.square(z.astype(jnp.float32)), nesting_dims)
   # The floor is on the squared norm, so the gradient at 0 is 0, not NaN.
-  return jax.lax.rsqrt(jnp.maximum(jnp.stack(out), SQ_NORM_EPS))
+  return jax.lax.rsqrt(jnp.maximum(sq, SQ_NORM_EPS))
 
 
 def truncate(z, m: int, normalize: bool = True):
