@@ -55,15 +55,17 @@ CONTRASTIVE_KINDS = ('softmax', 'sigmoid')
 _TILE_ELEMENTS = 2**22
 _MIN_BLOCK = 128
 
-# Where the Pallas kernels of `contrastive_kernels` run: 'tpu' (on TPU, when
-# a kernel tile divides the local batch; XLA's blocked form elsewhere),
-# 'interpret' (everywhere, interpreted: for tests) or 'never'.
-KERNELS = 'tpu'
+# Where the Pallas kernels of `contrastive_kernels` run (the `kernels`
+# argument): 'tpu' (on TPU, when a kernel tile divides the local batch; XLA's
+# blocked form elsewhere), 'interpret' (everywhere, interpreted: for tests)
+# or 'never' (XLA's form everywhere).
+KERNELS = ('tpu', 'interpret', 'never')
 
 
 def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
                         temperature, bias=None, label_smoothing: float = 0.0,
-                        block_size: int | None = None) -> jax.Array:
+                        block_size: int | None = None,
+                        kernels: str = 'tpu') -> jax.Array:
   """Unweighted contrastive loss of every prefix: -> [M] float32.
 
   Args:
@@ -87,29 +89,31 @@ def contrastive_per_dim(x, y, nesting_dims, *, kind: str = 'softmax',
       batch is clamped to it). None picks the largest power of two (>= 128)
       whose [M, B_local, block] tile stays within 16 MiB. It changes memory
       and speed only, not the result beyond float32 rounding.
+    kernels: where the Pallas kernels run, one of `KERNELS`: 'tpu' (default),
+      'interpret' or 'never'.
 
   The batch is the global one: under `jax.set_mesh` with the batch split over
   the mesh's batch axes, the loss runs as a ring over them (module docstring)
   and every prefix's loss is over the global B x B similarities.
   """
   dims = _check(x, y, nesting_dims, None, kind, temperature, bias,
-                label_smoothing, block_size)[0]
+                label_smoothing, block_size, kernels)[0]
   return _per_dim(x, y, dims, kind, temperature, bias, label_smoothing,
-                  block_size)
+                  block_size, kernels)
 
 
 def contrastive(x, y, nesting_dims, weights=None, *, kind: str = 'softmax',
                 temperature, bias=None, label_smoothing: float = 0.0,
-                block_size: int | None = None) -> jax.Array:
+                block_size: int | None = None, kernels: str = 'tpu') -> jax.Array:
   """Nested contrastive loss sum_m c_m * L_m(x[:, :m], y[:, :m]): a SUM.
 
   `weights` are the c_m (default all 1); everything else as
   `contrastive_per_dim`, which gives the [M] per-prefix losses to log.
   """
   dims, weights = _check(x, y, nesting_dims, weights, kind, temperature, bias,
-                         label_smoothing, block_size)
+                         label_smoothing, block_size, kernels)
   per_dim = _per_dim(x, y, dims, kind, temperature, bias, label_smoothing,
-                     block_size)
+                     block_size, kernels)
   return jnp.sum(jnp.asarray(weights, jnp.float32) * per_dim)
 
 
@@ -138,9 +142,10 @@ class _Plan(NamedTuple):
   block: int  # columns per block
   axes: tuple[str, ...]  # the mesh axes the batch is split over; () = none
   n: int  # devices in the ring
+  kernels: str  # one of KERNELS
 
 
-def _per_dim(x, y, dims, kind, temperature, bias, eps, block_size):
+def _per_dim(x, y, dims, kind, temperature, bias, eps, block_size, kernels):
   m = len(dims)
   inv_tau = 1.0 / jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (m,))
   bias = jnp.broadcast_to(jnp.asarray(0.0 if bias is None else bias,
@@ -148,7 +153,7 @@ def _per_dim(x, y, dims, kind, temperature, bias, eps, block_size):
   axes, n = _batch_axes(x.shape[0])
   b = x.shape[0] // n
   block = min(block_size or _default_block(b, m), b)
-  plan = _Plan(tuple(dims), block, axes, n)
+  plan = _Plan(tuple(dims), block, axes, n, kernels)
   local = functools.partial(_local_per_dim, plan, kind, eps)
   if not axes:
     return local(x, y, inv_tau, bias)
@@ -183,7 +188,7 @@ def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
   if kind == 'sigmoid':
     # Each device's bias cotangent is its rows' share: with bias cast to
     # varying, autodiff sums the shares over the ring (pcast's transpose).
-    sums = _softplus_sums(plan, x, y, a, c, _varying(plan, bias))
+    sums = _softplus_sums(plan, x, y, a, c, sharding.vary(bias, plan.axes))
     return _psum(plan, sums) / total
   lse_r, lse_c = _softmax_lses(plan, x, y, a, c)  # [M, b] each
   diag = prefix.row_sums(x.astype(jnp.float32) * y.astype(jnp.float32), dims) * a * c
@@ -236,42 +241,8 @@ def _psum(plan, v):
 
 
 def _ring(plan, step, acc, data, res):
-  """Runs `step(s, acc, data, res) -> (acc, res)` on every device's columns.
-
-  At ring step s this device holds the columns of device (i - s) mod n:
-  `data` (read-only: their y rows, scales, ...) and `res` (their results,
-  which every device adds to). Both move one device on after each step; the
-  next block is sent before this one is worked on, so the transfer overlaps
-  the work, and after the n-th hop `res` is back on its own device.
-  """
-  acc, data, res = _varying(plan, (acc, data, res))
-  if plan.n == 1:
-    return step(0, acc, data, res)
-
-  def body(s, state):
-    acc, data, res = state
-    following = _shift(plan, data)
-    acc, res = step(s, acc, data, res)
-    return acc, following, _shift(plan, res)
-
-  acc, data, res = jax.lax.fori_loop(0, plan.n - 1, body, (acc, data, res))
-  acc, res = step(plan.n - 1, acc, data, res)
-  return acc, _shift(plan, res)
-
-
-def _shift(plan, tree):
-  perm = [(i, (i + 1) % plan.n) for i in range(plan.n)]
-  return jax.tree.map(lambda v: jax.lax.ppermute(v, plan.axes, perm), tree)
-
-
-def _varying(plan, tree):
-  # Loop carries must vary over the ring's axes as their updates do.
-  if not plan.axes:
-    return tree
-  def vary(v):
-    missing = tuple(a for a in plan.axes if a not in jax.typeof(v).mat.varying)
-    return jax.lax.pcast(v, missing, to='varying') if missing else v
-  return jax.tree.map(vary, tree)
+  """`sharding.ring` over the batch shards (the module docstring)."""
+  return sharding.ring(step, acc, data, res, plan.axes, plan.n)
 
 
 def _over_blocks(plan, width, fn, carry):
@@ -291,11 +262,11 @@ def _over_blocks(plan, width, fn, carry):
   return carry
 
 
-def _pick(b, xla_step, kernel_step):
+def _pick(plan, b, xla_step, kernel_step):
   """The ring step to run: `kernel_step` (Pallas) on TPU, else `xla_step`."""
-  if KERNELS == 'never' or contrastive_kernels.tile_for(b) is None:
+  if plan.kernels == 'never' or contrastive_kernels.tile_for(b) is None:
     return xla_step
-  if KERNELS == 'interpret':
+  if plan.kernels == 'interpret':
     return functools.partial(kernel_step, interpret=True)
 
   def step(s, acc, data, res):
@@ -384,7 +355,7 @@ def _softmax_fwd(plan, x, y, a, c):
     return jnp.logaddexp(lse_r, rows), jnp.logaddexp(lse_c, cols)
 
   init = jnp.full(a.shape, -jnp.inf, jnp.float32)
-  lse_r, lse_c = _ring(plan, _pick(x.shape[0], step, kernel_step), init,
+  lse_r, lse_c = _ring(plan, _pick(plan, x.shape[0], step, kernel_step), init,
                        (y, c), init)
   return (lse_r, lse_c), (x, y, a, c, lse_r, lse_c)
 
@@ -418,7 +389,7 @@ def _softmax_bwd(plan, res, cotangents):
     return _add(rows, (dx, da)), _add(cols, (dy, dc))
 
   rows, cols = _grad_zeros(x, a)
-  (gx, ga), (gy, gc) = _ring(plan, _pick(x.shape[0], step, kernel_step), rows,
+  (gx, ga), (gy, gc) = _ring(plan, _pick(plan, x.shape[0], step, kernel_step), rows,
                              (y, c, lse_c, g_c), cols)
   return gx.astype(x.dtype), gy.astype(y.dtype), ga, gc
 
@@ -466,7 +437,7 @@ def _sigmoid_fwd(plan, x, y, a, c, bias):
                                           c_blk, bias, interpret=interpret)
     return total + jnp.sum(rows, 1), res
 
-  total, _ = _ring(plan, _pick(x.shape[0], step, kernel_step),
+  total, _ = _ring(plan, _pick(plan, x.shape[0], step, kernel_step),
                    jnp.zeros(bias.shape, jnp.float32), (y, c), ())
   return total, (x, y, a, c, bias)
 
@@ -504,7 +475,7 @@ def _sigmoid_bwd(plan, res, g_total):
 
   rows, cols = _grad_zeros(x, a)
   ((gx, ga), g_bias), (gy, gc) = _ring(
-      plan, _pick(x.shape[0], step, kernel_step),
+      plan, _pick(plan, x.shape[0], step, kernel_step),
       (rows, jnp.zeros_like(bias)), (y, c), cols)
   return gx.astype(x.dtype), gy.astype(y.dtype), ga, gc, g_bias
 
@@ -518,7 +489,7 @@ _softplus_sums.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 
 
 def _check(x, y, nesting_dims, weights, kind, temperature, bias,
-           label_smoothing, block_size):
+           label_smoothing, block_size, kernels):
   """Validates the losses' arguments; returns (dims, weights)."""
   if kind not in CONTRASTIVE_KINDS:
     raise ValueError(
@@ -562,6 +533,8 @@ def _check(x, y, nesting_dims, weights, kind, temperature, bias,
         f'contrastive: block_size={block_size!r} must be a positive int '
         '(columns per block; larger than the batch is clamped to it), or '
         'None for the default.')
+  if kernels not in KERNELS:
+    raise ValueError(f'contrastive: kernels={kernels!r} is not one of {list(KERNELS)}.')
   return dims, weights
 
 

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mrl_jax import prefix
+from mrl_jax import sharding
 
 # Rows and columns of a tile. 8 [TILE, TILE] float32 tiles (the chunk dots
 # running sum and the prefixes' cotangents) plus double-buffered x, y, dx and
@@ -221,12 +222,7 @@ def backward(dims, kind, step, x, y, a, c, rows, cols, *, interpret=False):
 def _varying_as(like, *args):
   # Inside `shard_map` a kernel's operands must all vary over the same mesh
   # axes (the loop's step and a shared bias do not).
-  axes = jax.typeof(like).mat.varying
-
-  def vary(v):
-    missing = tuple(a for a in axes if a not in jax.typeof(v).mat.varying)
-    return jax.lax.pcast(v, missing, to='varying') if missing else v
-  return [vary(v) for v in args]
+  return sharding.vary(list(args), tuple(jax.typeof(like).mat.varying))
 
 
 def _out(shape, like):

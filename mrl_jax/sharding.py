@@ -224,3 +224,44 @@ def constrain_batch(x: jax.Array, axis: int = 0) -> jax.Array:
   spec = [None] * x.ndim
   spec[axis] = BATCH_AXES
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+# ----------------------------------------------------------------------------
+# Rings over mesh axes, inside `jax.shard_map`: each device keeps its own
+# shard and works through everyone's, the shards passed one device on per step.
+# ----------------------------------------------------------------------------
+def vary(tree, axes: tuple[str, ...]):
+  """`tree` cast to vary over `axes` (shard_map's type check), where it doesn't."""
+  def one(v):
+    missing = tuple(a for a in axes if a not in jax.typeof(v).mat.varying)
+    return jax.lax.pcast(v, missing, to="varying") if missing else v
+  return jax.tree.map(one, tree) if axes else tree
+
+
+def ring(step, acc, data, res, axes: tuple[str, ...], n: int):
+  """Runs `step(s, acc, data, res) -> (acc, res)` on every device's shard.
+
+  Inside a `shard_map` over `axes` (n devices in all; `()` and 1: no ring).
+  At step s this device holds the shard of device (i - s) mod n: `data`
+  (read-only) and `res` (results that every device adds to). Both move one
+  device on after each step; the next `data` is sent before this one is
+  worked on, so the transfer overlaps the work, and after the n-th hop `res`
+  is back on its own device. `acc` stays: this device's own results.
+  """
+  acc, data, res = vary((acc, data, res), axes)
+  if n == 1:
+    return step(0, acc, data, res)
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def shift(tree):
+    return jax.tree.map(lambda v: jax.lax.ppermute(v, axes, perm), tree)
+
+  def body(s, state):
+    acc, data, res = state
+    following = shift(data)
+    acc, res = step(s, acc, data, res)
+    return acc, following, shift(res)
+
+  acc, data, res = jax.lax.fori_loop(0, n - 1, body, (acc, data, res))
+  acc, res = step(n - 1, acc, data, res)
+  return acc, shift(res)

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-from mrl_jax import contrastive
 from mrl_jax import matryoshka as mrl
 from mrl_jax import sharding
 
@@ -216,7 +215,8 @@ def test_each_prefix_loss_ignores_later_features():
     assert not np.allclose(moved[k + 1], base[k + 1])
 
 
-def _train_step_both_kinds(x, y, tau, bias, eps=0.0, block_size=None):
+def _train_step_both_kinds(x, y, tau, bias, eps=0.0, block_size=None,
+                           kernels='tpu'):
   """(loss, grads wrt x, y, tau[, bias]) per kind, as a train step sees it."""
   out = {}
   for kind in KINDS:
@@ -224,14 +224,14 @@ def _train_step_both_kinds(x, y, tau, bias, eps=0.0, block_size=None):
       return mrl.contrastive(x, y, DIMS, WEIGHTS, kind=kind, temperature=tau,
                              bias=b[0] if b else None,
                              label_smoothing=eps if kind == 'softmax' else 0.0,
-                             block_size=block_size)
+                             block_size=block_size, kernels=kernels)
     params = (x, y, tau) + ((bias,) if kind == 'sigmoid' else ())
     out[kind] = jax.value_and_grad(loss_fn, tuple(range(len(params))))(*params)
   return out
 
 
 _train_step = jax.jit(_train_step_both_kinds,
-                      static_argnames=('eps', 'block_size'),
+                      static_argnames=('eps', 'block_size', 'kernels'),
                       compiler_options={'xla_backend_optimization_level': 0})
 
 
@@ -302,14 +302,12 @@ def test_block_size_beyond_the_batch_is_clamped():
 
 # 384 rows: kernel tiles of 128 (a 3 x 3 grid); 512: tiles of 256 (2 x 2).
 @pytest.mark.parametrize('b', [384, 512])
-def test_tpu_kernels_interpreted_match_the_xla_form(b, monkeypatch):
+def test_tpu_kernels_interpreted_match_the_xla_form(b):
   # On a CPU the loss runs XLA's blocked form; interpreted, the Pallas
   # kernels (what a TPU runs) must give the same values and gradients.
   x, y = _pair(17, b=b)
   want = _train_step(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS, 100)
-  monkeypatch.setattr(contrastive, 'KERNELS', 'interpret')
-  interpreted = jax.jit(_train_step_both_kinds, static_argnames=('eps',))
-  got = interpreted(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS)
+  got = _train_step(x, y, TAU_PER_DIM, BIAS_PER_DIM, EPS, kernels='interpret')
   for kind in KINDS:
     np.testing.assert_allclose(got[kind][0], want[kind][0], rtol=1e-5)
     _assert_grads_close(got[kind][1], want[kind][1])
@@ -370,13 +368,14 @@ def test_bf16_inputs_use_float32_math():
     (dict(block_size=-4), 'block_size=-4'),
     (dict(block_size=2.5), 'block_size=2.5'),
     (dict(block_size=True), 'block_size=True'),
+    (dict(kernels='gpu'), "kernels='gpu' is not one of"),
     (dict(y=np.ones((B + 1, D), np.float32)), r'\(9, 32\)'),
 ])
 def test_bad_input(overrides, match):
   x, y = _pair(14)
   args = dict(x=x, y=y, nesting_dims=DIMS, weights=None, kind='softmax',
               temperature=0.07, bias=None, label_smoothing=0.0,
-              block_size=None)
+              block_size=None, kernels='tpu')
   args.update(overrides)
   with pytest.raises(ValueError, match=match):
     mrl.contrastive(**args)

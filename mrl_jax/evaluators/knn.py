@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from mrl_jax import prefix
+from mrl_jax import sharding
 
 # k = 1: (db_chunk, query_chunk) that keep one block in cache.
 _TOP1_CHUNKS = (512, 256)
@@ -238,29 +239,22 @@ def _merge(a_s, a_i, b_s, b_i, k):
 def _ring_search(queries, database, db_mask, *, axes, n, k, **static):
   """`_search` of this device's queries against every device's database shard.
 
-  The shards travel around the ring of the `n` devices (`ppermute`), the
-  next one sent while this one is searched; each step's top-k (rows made
-  global by the shard's offset) is merged into the running one, ties to the
-  lower row. A device holds two shards at a time, never the whole database.
+  The shards travel around the devices (`sharding.ring`); each step's top-k
+  (rows made global by the shard's offset) is merged into the running one,
+  ties to the lower row. A device holds two shards at a time, never the
+  whole database.
   """
   rows = database.shape[0]
   me = lax.axis_index(axes)
-  perm = [(i, (i + 1) % n) for i in range(n)]
 
-  def visit(s, best, shard):
+  def visit(s, best, shard, res):
     scores, idx = _search(queries, *shard, k=k, **static)
     owner = (me - s) % n  # at step s this device holds device (me - s)'s shard
-    return _merge(*best, scores, jnp.where(idx >= 0, idx + owner * rows, -1), k)
-
-  def body(s, state):
-    best, shard = state
-    following = lax.ppermute(shard, axes, perm)
-    return visit(s, best, shard), following
+    return _merge(*best, scores, jnp.where(idx >= 0, idx + owner * rows, -1), k), res
 
   shape = (len(static["dims"]), queries.shape[0], k)
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, -1, jnp.int32))
-  best, shard = lax.fori_loop(0, n - 1, body, (init, (database, db_mask)))
-  return visit(n - 1, best, shard)
+  return sharding.ring(visit, init, (database, db_mask), (), axes, n)[0]
 
 
 @functools.lru_cache(maxsize=32)
