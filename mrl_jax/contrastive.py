@@ -208,12 +208,7 @@ def _local_per_dim(plan, kind, eps, x, y, inv_tau, bias):
 
 def _dots(dims, x, y):
   """[b, d] x [k, d] -> [M, b, k]: x[:, :m] @ y[:, :m].T for every prefix m."""
-  out, run = [], 0.0
-  for lo, hi in prefix.chunks(dims):
-    run = run + jnp.einsum('if,jf->ij', x[:, lo:hi], y[:, lo:hi],
-                           preferred_element_type=jnp.float32)
-    out.append(run)
-  return jnp.stack(out)
+  return jnp.stack(list(prefix.prefix_dots(x, y, dims)))
 
 
 def _dots_vjp(dims, x, y, h):

@@ -45,11 +45,6 @@ def tile_for(b: int) -> int | None:
   return None
 
 
-def _nt(u, v):  # u [r, f] . v [c, f] -> [r, c]
-  return jax.lax.dot_general(u, v, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 def _tn(u, v):  # u [r, c], v [r, f] -> u.T @ v [c, f]
   return jax.lax.dot_general(u, v, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
@@ -72,14 +67,6 @@ def _flip_diagonal(step, i, j, t):
   return jnp.where((rows == cols) & (step == 0), -t, t)
 
 
-def _prefix_dots(dims, x, y):
-  """Yields (m, (lo, hi), x[:, :hi] @ y[:, :hi].T) for every prefix."""
-  run = 0.0
-  for m, (lo, hi) in enumerate(prefix.chunks(dims)):
-    run = run + _nt(x[:, lo:hi], y[:, lo:hi])
-    yield m, (lo, hi), run
-
-
 # ---------------------------------------------------------------------------
 # Forward: per-prefix log-sum-exps (softmax) or softplus sums (sigmoid).
 # ---------------------------------------------------------------------------
@@ -95,7 +82,7 @@ def _forward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref, bias_ref,
     row_ref[...] = jnp.full(row_ref.shape, fill, jnp.float32)
 
   x, y = x_ref[...], y_ref[...]
-  for m, _, dots in _prefix_dots(dims, x, y):
+  for m, dots in enumerate(prefix.prefix_dots(x, y, dims)):
     l = dots * a_ref[:, m:m + 1] * c_ref[m:m + 1, :]  # [T, T]
     if kind == 'softmax':
       row_ref[:, m:m + 1] = _logaddexp(row_ref[:, m:m + 1], _lse(l, 1))
@@ -159,7 +146,7 @@ def _backward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref,
 
   x, y = x_ref[...], y_ref[...]
   hs = []
-  for m, _, dots in _prefix_dots(dims, x, y):
+  for m, dots in enumerate(prefix.prefix_dots(x, y, dims)):
     a, c = a_ref[:, m:m + 1], c_ref[m:m + 1, :]
     l = dots * a * c
     if kind == 'softmax':

@@ -13,7 +13,8 @@ The one home of these; the heads, losses, searches and exports import them.
   norms below it count as zero, so a zero prefix stays zero (cosine 0,
   gradient 0) instead of NaN.
 * `truncate(z, m)`: the embedding at budget m, renormalised; `inv_norms`
-  the inverse norms of every prefix at once.
+  the inverse norms and `prefix_dots` the dot products of every prefix at
+  once.
 """
 
 from __future__ import annotations
@@ -160,6 +161,17 @@ def row_sums(v, nesting_dims) -> jax.Array:
     run = run + jnp.sum(v[:, lo:hi], axis=-1)
     out.append(run)
   return jnp.stack(out)
+
+
+def prefix_dots(a, b, nesting_dims, precision=None):
+  """Yields a[:, :m] @ b[:, :m].T [n_a, n_b] (float32) for every m, as running
+  sums of the chunks' products: all prefixes for one full-width product."""
+  run = 0.0
+  for lo, hi in chunks(nesting_dims):
+    run = run + jax.lax.dot_general(a[:, lo:hi], b[:, lo:hi], (((1,), (1,)), ((), ())),
+                                    precision=precision,
+                                    preferred_element_type=jnp.float32)
+    yield run
 
 
 def inv_norms(z, nesting_dims) -> jax.Array:

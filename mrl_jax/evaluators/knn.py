@@ -93,13 +93,10 @@ def _prefix_inv_norms(x, dims):  # [n, d] -> [D, n]
 
 
 def _prefix_dots(a, b, dims):
-  """Yields a[:, :m] @ b[:, :m].T [n_a, n_b] for m in dims, from chunk products."""
-  acc = 0.0
-  for lo, hi in prefix.chunks(dims):
-    # HIGHEST: TPUs would otherwise multiply float32 in bf16 passes, and an
-    # exact search must rank the same on every backend.
-    acc = acc + jnp.dot(a[:, lo:hi], b[:, lo:hi].T, precision=lax.Precision.HIGHEST)
-    yield acc
+  """Yields a[:, :m] @ b[:, :m].T [n_a, n_b] for m in dims (`prefix.prefix_dots`)."""
+  # HIGHEST: TPUs would otherwise multiply float32 in bf16 passes, and an
+  # exact search must rank the same on every backend.
+  return prefix.prefix_dots(a, b, dims, precision=lax.Precision.HIGHEST)
 
 
 def _top1_step(q, dims, group):
