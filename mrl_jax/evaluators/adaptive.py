@@ -372,10 +372,14 @@ def funnel_search(queries, database, stages, k: int, *, field: str = "stages",
                      f"of {field}={stages}.")
   (d0, k0), rest = stages[0], stages[1:]
   _, shortlist = knn.knn_search(queries, database, [d0], k0, **search_kwargs)
-  shortlist = shortlist[0]
-  for m, size in rest:
+  return _rerank_stages(queries, database, shortlist[0], rest)[:, :int(k)]
+
+
+def _rerank_stages(queries, database, shortlist, stages) -> np.ndarray:
+  """The funnel after its first stage: re-rank at each (dim, size) in turn."""
+  for m, size in stages:
     shortlist = _rerank(queries, database, shortlist, m, size)
-  return shortlist[:, :int(k)]
+  return shortlist
 
 
 def single_shortlist_search(queries, database, shortlist_dim: int, shortlist_size: int,
@@ -433,8 +437,23 @@ def funnel_metrics(query_emb, query_labels, db_emb, db_labels,
   query_emb = np.asarray(query_emb, np.float32)
   num_db, d = db_emb.shape
   ks = retrieval.check_ks(ks, num_db, field="ks")
-  kmax = ks[-1]
-  runs = {"exact": [(d, kmax)]}
+  runs = {"exact": [(d, ks[-1])], **_checked_funnels(funnels, d, num_db, ks[-1], field)}
+  out = {}
+  for name, stages in runs.items():
+    seconds, idx = _timed(lambda s=stages: funnel_search(query_emb, db_emb, s, ks[-1],
+                                                         **search_kwargs), warmup)
+    row = _quality(idx, stages[-1][0], db_labels, query_labels, ks)
+    row["mflops_per_query"], exact_mflops = funnel_mflops(num_db, stages, final_dim=d)
+    row["flops_reduction_vs_exact"] = exact_mflops / row["mflops_per_query"]
+    row["seconds"] = seconds
+    row["speedup_vs_exact"] = out["exact"]["seconds"] / seconds if out else 1.0
+    out[name] = row
+  return out
+
+
+def _checked_funnels(funnels, d: int, num_db: int, kmax: int, field: str):
+  """{name: stages} checked, each keeping at least kmax rows at its end."""
+  runs = {}
   for name, stages in funnels.items():
     if name == "exact":
       raise ValueError(f"{field}: 'exact' is the name of the reference search; rename it.")
@@ -442,20 +461,15 @@ def funnel_metrics(query_emb, query_labels, db_emb, db_labels,
     if runs[name][-1][1] < kmax:
       raise ValueError(f"{field}.{name}={list(stages)} keeps {runs[name][-1][1]} rows at its "
                        f"last stage, fewer than max(ks)={kmax}. Fix: a last shortlist >= {kmax}.")
-  out = {}
-  for name, stages in runs.items():
-    seconds, idx = _timed(lambda s=stages: funnel_search(query_emb, db_emb, s, kmax,
-                                                         **search_kwargs), warmup)
-    m = stages[-1][0]
-    metrics = retrieval.retrieval_metrics(idx[None], db_labels, query_labels, [m], ks)
-    row = {metric: per_dim[m] for metric, per_dim in metrics.items()}
-    row["knn_top1"] = knn.knn_accuracy(idx[None], db_labels, query_labels, [m], k=1)[m]
-    row["mflops_per_query"], exact_mflops = funnel_mflops(num_db, stages, final_dim=d)
-    row["flops_reduction_vs_exact"] = exact_mflops / row["mflops_per_query"]
-    row["seconds"] = seconds
-    row["speedup_vs_exact"] = out["exact"]["seconds"] / seconds if out else 1.0
-    out[name] = row
-  return out
+  return runs
+
+
+def _quality(found, m: int, db_labels, query_labels, ks) -> dict[str, float]:
+  """Retrieval metrics and 1-NN accuracy of neighbours found [Q, >= max(ks)] at dim m."""
+  metrics = retrieval.retrieval_metrics(found[None], db_labels, query_labels, [m], ks)
+  row = {metric: per_dim[m] for metric, per_dim in metrics.items()}
+  row["knn_top1"] = knn.knn_accuracy(found[None], db_labels, query_labels, [m], k=1)[m]
+  return row
 
 
 def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *,
@@ -475,8 +489,7 @@ def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *
   num_db, d = db_emb.shape
   ks = retrieval.check_ks(ks, num_db, field="ks")
   kmax = ks[-1]
-  runs = {name: _check_stages(stages, d, num_db, f"{field}.{name}")
-          for name, stages in funnels.items()}
+  runs = _checked_funnels(funnels, d, num_db, kmax, field)
   reference = ann.exact(query_emb, db_emb, kmax)
   out = {}
   for name, stages in {"exact": [(d, kmax)], **runs}.items():
@@ -488,9 +501,7 @@ def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *
       (d0, k0), rest = stages[0], stages[1:]
       shortlist = ann.search(query_emb, db_emb, d0, k0, index, options)
       start = time.perf_counter()
-      found = shortlist.indices.astype(np.int32)
-      for m, size in rest:
-        found = _rerank(query_emb, db_emb, found, m, size)
+      found = _rerank_stages(query_emb, db_emb, shortlist.indices.astype(np.int32), rest)
       seconds = shortlist.seconds + time.perf_counter() - start
       build, first, first_seconds = shortlist.build_seconds, index, shortlist.seconds
       later = [before for (_, before), _ in zip(stages, stages[1:])]
@@ -498,10 +509,7 @@ def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *
       mflops = 2 * (shortlist.distances_per_query * d0
                     + sum(b * m for b, (m, _) in zip(later, rest))) / 1e6
     found = np.asarray(found)[:, :kmax]
-    m = stages[-1][0]
-    metrics = retrieval.retrieval_metrics(found[None], db_labels, query_labels, [m], ks)
-    row = {metric: per_dim[m] for metric, per_dim in metrics.items()}
-    row["knn_top1"] = knn.knn_accuracy(found[None], db_labels, query_labels, [m], k=1)[m]
+    row = _quality(found, stages[-1][0], db_labels, query_labels, ks)
     row["recall_of_exact"] = float(np.mean([
         len(np.intersect1d(a, b)) / kmax for a, b in zip(found, reference.indices)]))
     row["first_stage"] = first
