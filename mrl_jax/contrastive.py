@@ -286,11 +286,6 @@ def _recomputed(y_s):
   return jax.lax.optimization_barrier(y_s)
 
 
-def _lse(l, axis):
-  top = jnp.max(l, axis=axis, keepdims=True)  # logits are finite
-  return jnp.squeeze(top, axis) + jnp.log(jnp.sum(jnp.exp(l - top), axis=axis))
-
-
 def _tile_grads(plan, x, y_s, a, c_s, dots, g, start, grads):
   """Adds one tile's share, from g = d loss / d logits [M, b, k], to
   grads = (gx [b, d], ga [M, b]) of the rows and (gy [b, d], gc [M, b]) of
@@ -336,8 +331,9 @@ def _softmax_fwd(plan, x, y, a, c):
       c_s = _cols(c_blk, start, size, 1)
       l = _dots(plan.dims, x, _cols(y_blk, start, size, 0)) * (
           a[:, :, None] * c_s[:, None, :])  # [M, b, k]
-      lse_r = jnp.logaddexp(lse_r, _lse(l, 2))
-      col = jnp.logaddexp(_cols(lse_c, start, size, 1), _lse(l, 1))
+      lse_r = jnp.logaddexp(lse_r, contrastive_kernels.lse(l, 2)[..., 0])
+      col = jnp.logaddexp(_cols(lse_c, start, size, 1),
+                          contrastive_kernels.lse(l, 1)[:, 0])
       return lse_r, _set_cols(lse_c, col, start, 1)
 
     return _over_blocks(plan, y_blk.shape[0], block, (lse_r, lse_c))
@@ -397,14 +393,6 @@ _softmax_lses.defvjp(_softmax_fwd, _softmax_bwd)
 # ---------------------------------------------------------------------------
 
 
-def _flip_diagonal(s, start, t):
-  """t [M, b, k] with its diagonal entries negated (they are in ring step 0
-  only): v = -z u from u = l + b, and -z sigmoid(v) from sigmoid(v)."""
-  rows = jax.lax.broadcasted_iota(jnp.int32, t.shape[1:], 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, t.shape[1:], 1) + start
-  return jnp.where((rows == cols) & (s == 0), -t, t)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _softplus_sums(plan, x, y, a, c, bias):
   """-> [M]: sum of softplus(v_ij) over this device's rows i, all columns j."""
@@ -421,7 +409,7 @@ def _sigmoid_fwd(plan, x, y, a, c, bias):
       # The sign is flipped before the softplus, not as softplus(u) - u on
       # the diagonal, which cancels catastrophically once the positives are
       # confident.
-      v = _flip_diagonal(s, start, l + bias[:, None, None])
+      v = contrastive_kernels.flip_diagonal(s, 0, start, l + bias[:, None, None])
       return total + jnp.sum(jax.nn.softplus(v), (1, 2))
 
     return _over_blocks(plan, y_blk.shape[0], block, total), res
@@ -451,8 +439,9 @@ def _sigmoid_bwd(plan, res, g_total):
       c_s = _cols(c_blk, start, size, 1)
       dots = _dots(plan.dims, x, y_s)
       l = dots * (a[:, :, None] * c_s[:, None, :])
-      v = _flip_diagonal(s, start, l + bias[:, None, None])
-      g = _flip_diagonal(s, start, jax.nn.sigmoid(v)) * g_total[:, None, None]
+      v = contrastive_kernels.flip_diagonal(s, 0, start, l + bias[:, None, None])
+      g = (contrastive_kernels.flip_diagonal(s, 0, start, jax.nn.sigmoid(v))
+           * g_total[:, None, None])
       grads = _tile_grads(plan, x, y_s, a, c_s, dots, g, start, grads)
       return grads, g_bias + jnp.sum(g, (1, 2))
 

@@ -50,7 +50,12 @@ def _tn(u, v):  # u [r, c], v [r, f] -> u.T @ v [c, f]
                              preferred_element_type=jnp.float32)
 
 
-def _lse(l, axis):
+def lse(l, axis):
+  """Log-sum-exp along `axis`, kept as a size-1 axis (logits are finite).
+
+  The tile math here (`lse`, `flip_diagonal`) is shared with the XLA form in
+  `mrl_jax.contrastive`.
+  """
   top = jnp.max(l, axis=axis, keepdims=True)
   return top + jnp.log(jnp.sum(jnp.exp(l - top), axis=axis, keepdims=True))
 
@@ -60,10 +65,12 @@ def _logaddexp(p, q):  # p may be -inf (a first tile), q is finite
   return top + jnp.log(jnp.exp(p - top) + jnp.exp(q - top))
 
 
-def _flip_diagonal(step, i, j, t):
-  """t with the global diagonal negated (ring step 0, tile i == j only)."""
-  rows = jax.lax.broadcasted_iota(jnp.int32, t.shape, 0) + i * t.shape[0]
-  cols = jax.lax.broadcasted_iota(jnp.int32, t.shape, 1) + j * t.shape[1]
+def flip_diagonal(step, row0, col0, t):
+  """t [..., r, c] with the entries on the global diagonal negated: rows
+  row0 + i, columns col0 + j of this device's own block (ring step 0). For
+  the sigmoid loss: v = -z u from u = l + b, and -z sigmoid(v) from sigmoid(v)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, t.shape[-2:], 0) + row0
+  cols = jax.lax.broadcasted_iota(jnp.int32, t.shape[-2:], 1) + col0
   return jnp.where((rows == cols) & (step == 0), -t, t)
 
 
@@ -75,6 +82,7 @@ def _flip_diagonal(step, i, j, t):
 def _forward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref, bias_ref,
                     row_ref, col_ref):
   i, j = pl.program_id(0), pl.program_id(1)
+  r0, c0 = i * x_ref.shape[0], j * y_ref.shape[0]  # this tile's first row, column
 
   @pl.when(j == 0)
   def _():
@@ -85,10 +93,10 @@ def _forward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref, bias_ref,
   for m, dots in enumerate(prefix.prefix_dots(x, y, dims)):
     l = dots * a_ref[:, m:m + 1] * c_ref[m:m + 1, :]  # [T, T]
     if kind == 'softmax':
-      row_ref[:, m:m + 1] = _logaddexp(row_ref[:, m:m + 1], _lse(l, 1))
-      col_ref[0, m:m + 1, :] = _lse(l, 0)
+      row_ref[:, m:m + 1] = _logaddexp(row_ref[:, m:m + 1], lse(l, 1))
+      col_ref[0, m:m + 1, :] = lse(l, 0)
     else:
-      v = _flip_diagonal(step_ref[0], i, j, l + bias_ref[:, m:m + 1])
+      v = flip_diagonal(step_ref[0], r0, c0, l + bias_ref[:, m:m + 1])
       row_ref[:, m:m + 1] += jnp.sum(jax.nn.softplus(v), 1, keepdims=True)
 
 
@@ -138,6 +146,7 @@ def _backward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref,
   # sigmoid: r1 = bias, r2 = g [T, M] (broadcast); c1, c2 unused.
   # gr: the rows' sum of d loss / d l (the sigmoid's bias cotangent).
   i, j = pl.program_id(0), pl.program_id(1)
+  r0, c0 = i * x_ref.shape[0], j * y_ref.shape[0]  # this tile's first row, column
 
   @pl.when(j == 0)
   def _():
@@ -153,8 +162,8 @@ def _backward_kernel(dims, kind, step_ref, x_ref, y_ref, a_ref, c_ref,
       g = (r2_ref[:, m:m + 1] * jnp.exp(l - r1_ref[:, m:m + 1])
            + c2_ref[m:m + 1, :] * jnp.exp(l - c1_ref[m:m + 1, :]))
     else:
-      v = _flip_diagonal(step_ref[0], i, j, l + r1_ref[:, m:m + 1])
-      g = _flip_diagonal(step_ref[0], i, j, jax.nn.sigmoid(v)) * r2_ref[:, m:m + 1]
+      v = flip_diagonal(step_ref[0], r0, c0, l + r1_ref[:, m:m + 1])
+      g = flip_diagonal(step_ref[0], r0, c0, jax.nn.sigmoid(v)) * r2_ref[:, m:m + 1]
       gr_ref[:, m:m + 1] += jnp.sum(g, 1, keepdims=True)
     gd = g * dots
     ga_ref[:, m:m + 1] += jnp.sum(gd * c, 1, keepdims=True)
