@@ -48,7 +48,8 @@ def test_funnel_on_an_index_is_close_to_exact(index, options):
     # the index finds what the exact first stage does.
     assert row["recall_of_exact"] > 0.7
     brute = adaptive.funnel_search(qx, x, funnels[name], 10)
-    shortlist = ann.search(qx, x, 8, 200, index, ann.check_index(index, options, "t"))
+    shortlist = ann.search(ann.build(x, 8, index, ann.check_index(index, options, "t")),
+                           qx, 200)
     exact_shortlist = knn.knn_search(qx, x, [8], 200)[1][0]
     assert np.mean([len(np.intersect1d(a, b)) / 200
                     for a, b in zip(shortlist.indices, exact_shortlist)]) > 0.95

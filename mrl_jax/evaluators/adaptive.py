@@ -491,6 +491,7 @@ def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *
   kmax = ks[-1]
   runs = _checked_funnels(funnels, d, num_db, kmax, field)
   reference = ann.exact(query_emb, db_emb, kmax)
+  indexes = {}  # one index per first-stage dim, shared by the funnels starting there
   out = {}
   for name, stages in {"exact": [(d, kmax)], **runs}.items():
     if name == "exact":
@@ -499,7 +500,9 @@ def ann_metrics(query_emb, query_labels, db_emb, db_labels, funnels, ks=(10,), *
       first, first_seconds = "flat (exact)", seconds
     else:
       (d0, k0), rest = stages[0], stages[1:]
-      shortlist = ann.search(query_emb, db_emb, d0, k0, index, options)
+      if d0 not in indexes:
+        indexes[d0] = ann.build(db_emb, d0, index, options)
+      shortlist = ann.search(indexes[d0], query_emb, k0)
       start = time.perf_counter()
       found = _rerank_stages(query_emb, db_emb, shortlist.indices.astype(np.int32), rest)
       seconds = shortlist.seconds + time.perf_counter() - start

@@ -68,33 +68,48 @@ def _unit(x: np.ndarray, m: int) -> np.ndarray:
                               np.float32)
 
 
-def search(queries, database, m: int, k: int, index: str,
-           options: dict[str, Any]) -> Search:
-  """Approximate top-k rows by cosine at prefix m."""
+class Index(NamedTuple):
+  faiss_index: Any
+  kind: str  # 'hnsw' | 'ivf'
+  dim: int  # the prefix it indexes
+  build_seconds: float
+  options: dict[str, Any]
+
+
+def build(database, m: int, index: str, options: dict[str, Any]) -> Index:
+  """A FAISS index over the L2-normalised m-dim prefixes of `database`."""
   faiss = require_faiss()
-  x, q = _unit(database, m), _unit(queries, m)
+  x = _unit(database, m)
   t0 = time.perf_counter()
   if index == "hnsw":
     ann = faiss.IndexHNSWFlat(m, options["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
     ann.hnsw.efConstruction = options["ef_construction"]
-    ann.add(x)
-    ann.hnsw.efSearch = max(options["ef_search"], k)  # k results need ef >= k
-    stats = faiss.cvar.hnsw_stats
   else:
     nlist = options["nlist"] or max(1, int(4 * np.sqrt(len(x))))
-    quantizer = faiss.IndexFlatIP(m)
-    ann = faiss.IndexIVFFlat(quantizer, m, nlist, faiss.METRIC_INNER_PRODUCT)
+    ann = faiss.IndexIVFFlat(faiss.IndexFlatIP(m), m, nlist, faiss.METRIC_INNER_PRODUCT)
     ann.train(x)
-    ann.add(x)
     ann.nprobe = min(options["nprobe"], nlist)
+  ann.add(x)
+  return Index(ann, index, m, time.perf_counter() - t0, options)
+
+
+def search(ann: Index, queries, k: int) -> Search:
+  """Approximate top-k rows of `ann.dim`-prefix cosine for each query."""
+  faiss = require_faiss()
+  q = _unit(queries, ann.dim)
+  if ann.kind == "hnsw":
+    ann.faiss_index.hnsw.efSearch = max(ann.options["ef_search"], k)  # k results need ef >= k
+    stats = faiss.cvar.hnsw_stats
+  else:
     stats = faiss.cvar.indexIVF_stats
-  build = time.perf_counter() - t0
   stats.reset()
   t0 = time.perf_counter()
-  _, idx = ann.search(q, k)
+  _, idx = ann.faiss_index.search(q, k)
   seconds = time.perf_counter() - t0
-  ndis = stats.ndis + (len(q) * nlist if index == "ivf" else 0)  # + the coarse quantizer
-  return Search(idx, seconds, build, ndis / max(len(q), 1))
+  ndis = stats.ndis
+  if ann.kind == "ivf":  # + the coarse quantizer's distances to every list
+    ndis += len(q) * ann.faiss_index.nlist
+  return Search(idx, seconds, ann.build_seconds, ndis / max(len(q), 1))
 
 
 def exact(queries, database, k: int) -> Search:
