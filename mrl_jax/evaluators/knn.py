@@ -86,12 +86,6 @@ def _check_dims(dims, d: int) -> tuple[int, ...]:
   return dims
 
 
-def _prefix_inv_norms(x, dims):  # [n, d] -> [D, n]
-  sq = jnp.stack([jnp.sum(jnp.square(x[:, lo:hi]), axis=-1)
-                  for lo, hi in prefix.chunks(dims)])
-  return lax.rsqrt(jnp.maximum(jnp.cumsum(sq, axis=0), prefix.SQ_NORM_EPS))
-
-
 def _prefix_dots(a, b, dims):
   """Yields a[:, :m] @ b[:, :m].T [n_a, n_b] for m in dims (`prefix.prefix_dots`)."""
   # HIGHEST: TPUs would otherwise multiply float32 in bf16 passes, and an
@@ -194,7 +188,7 @@ def _search(queries, database, db_mask, *, dims, k, db_chunk, query_chunk):
   """Padded inputs: queries [nq*Qc, d], database [nc*Nc, d], db_mask [nc*Nc]."""
   num_dims, d = len(dims), database.shape[1]
   nc = database.shape[0] // db_chunk
-  inv = _prefix_inv_norms(database, dims)  # [D, N]
+  inv = prefix.inv_norms(database, dims)  # [D, N]
   db_chunks = (
       database.reshape(nc, db_chunk, d),
       inv.reshape(num_dims, nc, db_chunk).transpose(1, 0, 2),
@@ -214,7 +208,7 @@ def _search(queries, database, db_mask, *, dims, k, db_chunk, query_chunk):
     top_i = jnp.where(top_s == -jnp.inf, -1, top_i)  # padding / fewer than k rows
     # Dividing by |q[:m]| does not change a query's ranking, so it is done
     # once here instead of on every score.
-    return top_s * _prefix_inv_norms(q, dims)[:, :, None], top_i
+    return top_s * prefix.inv_norms(q, dims)[:, :, None], top_i
 
   nq = queries.shape[0] // query_chunk
   scores, indices = lax.map(search, queries.reshape(nq, query_chunk, d))  # [nq, D, Qc, k]
