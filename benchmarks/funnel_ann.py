@@ -4,7 +4,7 @@ r"""Adaptive retrieval on an ANN engine: the funnel with a FAISS HNSW / IVF firs
 
 WORKDIR holds `--mode=embed` exports of the train split (database) and the
 test split (queries): `WORKDIR/embeddings/{train,test}/`. For the paper's two
-funnels on the model's nesting dims (`evaluate.default_funnels`), prints
+funnels on the model's nesting dims (`funnel.default_funnels`), prints
 mAP@10, the share of the exact top-10 found, vectors scored per query,
 MFLOPs per query and the measured search time against FAISS's exact
 `IndexFlatIP` at the full dim on the same queries (index build time apart),
@@ -22,9 +22,8 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mrl_jax import evaluate  # noqa: E402
 from mrl_jax import export  # noqa: E402
-from mrl_jax.evaluators import adaptive  # noqa: E402
+from mrl_jax.evaluators import funnel  # noqa: E402
 
 
 def table(rows, note: str) -> str:
@@ -54,20 +53,20 @@ def main():
   emb = pathlib.Path(args.workdir) / "embeddings"
   db, db_labels, meta = export.load_embeddings(emb / "train")
   queries, q_labels, _ = export.load_embeddings(emb / "test")
-  funnels = evaluate.default_funnels(meta["nesting_dims"], 10)
+  funnels = funnel.default_funnels(meta["nesting_dims"], 10)
   print(f"database {db.shape}, queries {queries.shape}, nesting dims {meta['nesting_dims']}\n")
   for value in (int(v) for v in args.ef_search.split(",")):
     options = ({"hnsw_m": args.hnsw_m, "ef_search": value} if args.index == "hnsw"
                else {"nprobe": value})
-    rows = adaptive.funnel_metrics(queries, q_labels, db, db_labels, funnels, [10],
-                                   index=args.index, index_options=options)
+    rows = funnel.funnel_metrics(queries, q_labels, db, db_labels, funnels, [10],
+                                 index=args.index, index_options=options)
     for name, row in rows.items():
       row["stages"] = [[db.shape[1], 10]] if name == "exact" else funnels[name]
     print(table(rows, f"{args.index} {options}; 'exact' = FAISS IndexFlatIP at "
                       f"{db.shape[1]} dims; index build "
                       f"{max(r['build_seconds'] for r in rows.values()):.2f} s") + "\n",
           flush=True)
-  rows = adaptive.funnel_metrics(queries, q_labels, db, db_labels, funnels, [10])
+  rows = funnel.funnel_metrics(queries, q_labels, db, db_labels, funnels, [10])
   for name, row in rows.items():
     row["stages"] = [[db.shape[1], 10]] if name == "exact" else funnels[name]
   print(table(rows, "Brute force first stage (`knn.knn_search`, XLA); 'exact' = the same "

@@ -14,10 +14,10 @@ vectors (--num_db database rows, --num_queries queries), times
   faiss  `faiss.IndexFlatIP(d).search` at the full dim only (exact)
 
 and prints both times and ours / faiss. With --funnel (default on), for each d
-it also times `adaptive.funnel_search` with the funnel
+it also times `funnel.funnel_search` with the funnel
 [(d/8, 200), (d/4, 100), (d/2, 50), (d, k)] (k = 10) against ours exact at
 the full dim alone (`knn.knn_search` at [d], k = 10), and prints funnel /
-exact time, the MFLOPs ratio (`adaptive.funnel_mflops`) and the fraction of
+exact time, the MFLOPs ratio (`funnel.funnel_mflops`) and the fraction of
 the exact top-10 the funnel returns. Timings are medians over --reps runs
 after one warm-up run (which also compiles ours); the variants are run in
 turn within each rep, so load from other processes hits them alike. Both use
@@ -50,7 +50,7 @@ from absl import flags
 import numpy as np
 
 from mrl_jax import matryoshka
-from mrl_jax.evaluators import adaptive
+from mrl_jax.evaluators import funnel
 from mrl_jax.evaluators import knn
 
 _NUM_DB = flags.DEFINE_integer('num_db', 60_000, 'Database rows.')
@@ -118,16 +118,16 @@ def main(argv):
 def _time_funnel(queries, database, d, k=10):
   """Funnel [(d/8, 200), (d/4, 100), (d/2, 50), (d, k)] vs ours exact at d alone."""
   stages = [(max(1, d // 8), 200), (max(1, d // 4), 100), (max(1, d // 2), 50), (d, k)]
-  funnel = functools.partial(adaptive.funnel_search, queries, database, stages, k)
+  search = functools.partial(funnel.funnel_search, queries, database, stages, k)
   exact = functools.partial(knn.knn_search, queries, database, [d], k)
-  _, funnel_idx = _timed(funnel)  # warm-up: compiles
+  _, funnel_idx = _timed(search)  # warm-up: compiles
   _, (_, exact_idx) = _timed(exact)
   times = {'funnel': [], 'exact': []}
   for _ in range(_REPS.value):
     times['exact'].append(_timed(exact)[0])
-    times['funnel'].append(_timed(funnel)[0])
+    times['funnel'].append(_timed(search)[0])
   t_funnel, t_exact = (statistics.median(times[n]) for n in ('funnel', 'exact'))
-  mflops, exact_mflops = adaptive.funnel_mflops(database.shape[0], stages, final_dim=d)
+  mflops, exact_mflops = funnel.funnel_mflops(database.shape[0], stages, final_dim=d)
   agree = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(funnel_idx, exact_idx[0])])
   print(f'd={d:4d} k={k:3d}: funnel {stages} {t_funnel:7.2f} s | ours exact 1 dim '
         f'{t_exact:7.2f} s | funnel / exact time {t_funnel / t_exact:5.2f}, MFLOPs '

@@ -430,7 +430,7 @@ def programs(config, s: train.Setup) -> dict[str, tuple[Callable, tuple, Any]]:
   if with_text:
     out["embed_text_step"] = (evaluate.make_embed_text_step(task),
                               (state["params"], state["rest"], batch["text"]), mesh)
-  k = evaluate.check_evals(config, facts)
+  k = evaluate.num_neighbours(evaluate.check_evals(config, facts))
   if k:
     num = facts["dataset"].num_examples
     dims = knn.eval_dims(facts["nesting_dims"])

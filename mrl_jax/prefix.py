@@ -147,6 +147,13 @@ def check_features(z, d: int, head: str):
         'config.mrl.nesting_dims.')
 
 
+def eval_dims(nesting_dims: Sequence[int]) -> list[int]:
+  """Trained dims plus the midpoints between neighbours: [8, 16, 32] -> [8, 12, 16, 24, 32]."""
+  dims = sorted(int(m) for m in nesting_dims)
+  mids = [(a + b) // 2 for a, b in zip(dims, dims[1:])]
+  return sorted(set(dims) | set(mids))
+
+
 def chunks(nesting_dims: Sequence[int]) -> list[tuple[int, int]]:
   """[(0, m_1), (m_1, m_2), ...]: the features each nesting dim adds."""
   bounds = (0, *(int(m) for m in nesting_dims))

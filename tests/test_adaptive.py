@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mrl_jax.evaluators import adaptive
+from mrl_jax.evaluators import funnel
 from mrl_jax.evaluators import baselines
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import quantize
@@ -103,47 +104,47 @@ def test_funnel_with_whole_database_shortlist_is_exact_search():
   queries, database = _db()
   _, exact = knn.knn_search(queries, database, [16], 7)
   for stages in ([(4, 300), (16, 7)], [(4, 10_000), (8, 300), (16, 20)]):
-    np.testing.assert_array_equal(adaptive.funnel_search(queries, database, stages, 7), exact[0])
+    np.testing.assert_array_equal(funnel.funnel_search(queries, database, stages, 7), exact[0])
   np.testing.assert_array_equal(
-      adaptive.single_shortlist_search(queries, database, 4, 300, 16, 7), exact[0])
+      funnel.single_shortlist_search(queries, database, 4, 300, 16, 7), exact[0])
   assert list(exact[0, 0, :2]) == [3, 150]  # _db's tie
   # A real shortlist: the first stage is the exact search at its dim, the
   # re-ranked list a subset of it.
   _, at4 = knn.knn_search(queries, database, [4], 300)
-  got = adaptive.funnel_search(queries, database, [(4, 300)], 300)
+  got = funnel.funnel_search(queries, database, [(4, 300)], 300)
   np.testing.assert_array_equal(got, at4[0])
-  short = adaptive.funnel_search(queries, database, [(4, 300), (16, 7)], 5)
+  short = funnel.funnel_search(queries, database, [(4, 300), (16, 7)], 5)
   np.testing.assert_array_equal(short, exact[0, :, :5])
 
 
 def test_funnel_errors():
   queries, database = _db(n=40, q=2, d=8)
   with pytest.raises(ValueError, match="non-increasing"):
-    adaptive.funnel_search(queries, database, [(4, 10), (8, 20)], 5)
+    funnel.funnel_search(queries, database, [(4, 10), (8, 20)], 5)
   with pytest.raises(ValueError, match=r"1 <= dim <= 8"):
-    adaptive.funnel_search(queries, database, [(4, 10), (16, 5)], 5)
+    funnel.funnel_search(queries, database, [(4, 10), (16, 5)], 5)
   with pytest.raises(ValueError, match="last shortlist"):
-    adaptive.funnel_search(queries, database, [(4, 10), (8, 5)], 6)
+    funnel.funnel_search(queries, database, [(4, 10), (8, 5)], 6)
 
 
 def test_funnel_mflops_hand_computed():
   # 1000 * 8 + 200 * 16 + 100 * 64 = 17,600 multiply-adds = 35,200 FLOPs.
-  assert adaptive.funnel_mflops(1000, [(8, 200), (16, 100), (64, 10)]) == pytest.approx(
+  assert funnel.funnel_mflops(1000, [(8, 200), (16, 100), (64, 10)]) == pytest.approx(
       (0.0352, 0.128))
-  assert adaptive.funnel_mflops(1000, [(8, 200), (64, 10)], final_dim=2048)[1] == pytest.approx(
+  assert funnel.funnel_mflops(1000, [(8, 200), (64, 10)], final_dim=2048)[1] == pytest.approx(
       2 * 1000 * 2048 / 1e6)
   # A shortlist beyond the database is the whole database: 100 * 8 + 100 * 16.
-  assert adaptive.funnel_mflops(100, [(8, 500), (16, 10)])[0] == pytest.approx(2 * 2400 / 1e6)
+  assert funnel.funnel_mflops(100, [(8, 500), (16, 10)])[0] == pytest.approx(2 * 2400 / 1e6)
 
 
 def test_funnel_metrics():
   queries, database = _db()
   rng = np.random.default_rng(1)
   db_labels, q_labels = rng.integers(0, 3, 300), rng.integers(0, 3, 20)
-  out = adaptive.funnel_metrics(queries, q_labels, database, db_labels,
-                                {"whole": [(4, 300), (16, 7)],
-                                 "short": [(4, 50), (8, 20), (16, 7)]},
-                                ks=(7,), warmup=False)
+  out = funnel.funnel_metrics(queries, q_labels, database, db_labels,
+                              {"whole": [(4, 300), (16, 7)],
+                               "short": [(4, 50), (8, 20), (16, 7)]},
+                              ks=(7,), warmup=False)
   assert set(out) == {"exact", "whole", "short"}
   assert out["exact"]["speedup_vs_exact"] == 1.0
   for metric in ("map@7", "precision@7", "recall@7", "knn_top1"):
@@ -153,7 +154,7 @@ def test_funnel_metrics():
       300 * 16 / (300 * 4 + 50 * 8 + 20 * 16))
   assert all(v["seconds"] > 0 for v in out.values())
   with pytest.raises(ValueError, match=r"funnels\.tiny.*max\(ks\)=7"):
-    adaptive.funnel_metrics(queries, q_labels, database, db_labels, {"tiny": [(4, 5)]}, ks=(7,))
+    funnel.funnel_metrics(queries, q_labels, database, db_labels, {"tiny": [(4, 5)]}, ks=(7,))
 
 
 # ----------------------------------------------------------------------------

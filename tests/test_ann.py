@@ -4,8 +4,9 @@ import builtins
 import numpy as np
 import pytest
 
-from mrl_jax.evaluators import adaptive
 from mrl_jax.evaluators import ann
+from mrl_jax.evaluators import base
+from mrl_jax.evaluators import funnel
 from mrl_jax.evaluators import knn
 
 
@@ -36,8 +37,8 @@ def test_funnel_on_an_index_is_close_to_exact(index, options):
   pytest.importorskip("faiss")
   qx, qy, x, y = _clusters()
   funnels = {"single": [(8, 200), (32, 10)], "multi": [(8, 200), (16, 50), (32, 10)]}
-  rows = adaptive.funnel_metrics(qx, qy, x, y, funnels, [10], index=index,
-                                 index_options=options)
+  rows = funnel.funnel_metrics(qx, qy, x, y, funnels, [10], index=index,
+                               index_options=options)
   exact = rows["exact"]
   assert exact["first_stage"] == "flat (exact)" and exact["recall_of_exact"] == 1.0
   for name in funnels:
@@ -47,7 +48,7 @@ def test_funnel_on_an_index_is_close_to_exact(index, options):
     # The funnel itself misses some of the full-dim top-10 (its 8-d shortlist);
     # the index finds what the exact first stage does.
     assert row["recall_of_exact"] > 0.7
-    brute = adaptive.funnel_search(qx, x, funnels[name], 10)
+    brute = funnel.funnel_search(qx, x, funnels[name], 10)
     shortlist = ann.search(ann.build(x, 8, index, ann.check_index(index, options, "t")),
                            qx, 200)
     exact_shortlist = knn.knn_search(qx, x, [8], 200)[1][0]
@@ -87,17 +88,17 @@ def test_missing_faiss_says_how_to_install(monkeypatch):
 def test_funnel_evaluator_with_an_index():
   """config.evals.<name> = dict(type='funnel', index='hnsw', ef_search=...) end to end."""
   pytest.importorskip("faiss")
-  from mrl_jax import evaluate  # pylint: disable=g-import-not-at-top
   from mrl_jax import report  # pylint: disable=g-import-not-at-top
   qx, qy, x, y = _clusters(1)
-  splits = {"train": {"embedding": x, "label": y}, "eval": {"embedding": qx, "label": qy}}
-  facts = {"nesting_dims": [8, 16, 32]}
-  _, out = evaluate._funnel({"type": "funnel", "index": "hnsw", "ef_search": 100}, facts,
-                            splits)
+  context = base.Context(nesting_dims=(8, 16, 32))
+  evaluator = funnel.Funnel({"type": "funnel", "index": "hnsw", "ef_search": 100}, context,
+                            "config.evals.funnel")
+  _, out = evaluator.run(base.Data(train={"embedding": x, "label": y},
+                                   eval={"embedding": qx, "label": qy}))
   rows = out["funnel"]
   assert set(rows) == {"exact", "single", "multi"}
   assert rows["single"]["first_stage"] == "hnsw" and rows["single"]["stages"][0] == [8, 200]
   text = "\n".join(report.funnel_markdown(rows))
   assert "recall of exact" in text and "| single | hnsw |" in text
   with pytest.raises(ValueError, match=r"index='lsh' is not a supported FAISS index"):
-    evaluate._funnel_index({"index": "lsh"}, "funnel")
+    funnel.Funnel({"type": "funnel", "index": "lsh"}, context, "config.evals.funnel")

@@ -190,8 +190,7 @@ def test_a_config_that_cannot_fit_exits_non_zero_with_the_fixes(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "mrl_jax.main", "--config=configs/fashion_mnist_vit.py",
        f"--workdir={tmp_path}", "--mode=compile", "--topology=v5e:2x2",
-       "--config.model.variant=Mu/7", "--config.batch_size=2097152",
-       "--config.evals.knn.type=linear"],
+       "--config.model.variant=Mu/7", "--config.batch_size=2097152"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode != 0, out.stderr[-2000:]
   report = json.loads((tmp_path / "compile" / "report.json").read_text())

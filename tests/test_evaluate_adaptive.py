@@ -15,6 +15,8 @@ from mrl_jax import evaluate
 from mrl_jax import report as report_lib
 from mrl_jax import train
 from mrl_jax.evaluators import adaptive
+from mrl_jax.evaluators import baselines
+from mrl_jax.evaluators import funnel
 from mrl_jax.evaluators import retrieval
 from tests import tiny_config
 
@@ -126,7 +128,7 @@ def test_baseline_options_reach_the_probes(monkeypatch):
     calls.append((len(train["label"]), len(eval_["label"]), list(dims), method, kwargs))
     return {m: 0.5 for m in dims}
 
-  monkeypatch.setattr(evaluate.baselines, "baseline_linear", fake_linear)
+  monkeypatch.setattr(baselines, "baseline_linear", fake_linear)
   config = _config({"baseline": dict(type="baseline", methods=["svd"], probes=["linear"],
                                      dims=[16, 4], steps=30, seed=2, center=False)})
   metrics = _evaluate(monkeypatch, config, _synthetic_splits())["metrics"]
@@ -135,12 +137,12 @@ def test_baseline_options_reach_the_probes(monkeypatch):
 
 
 def test_default_funnels_follow_the_paper():
-  assert evaluate.default_funnels([8, 16, 32, 64]) == {
+  assert funnel.default_funnels([8, 16, 32, 64]) == {
       "single": [[8, 200], [64, 10]],
       "multi": [[8, 200], [16, 100], [32, 50], [64, 10]]}
-  paper = evaluate.default_funnels([16, 32, 64, 128, 256, 2048])
+  paper = funnel.default_funnels([16, 32, 64, 128, 256, 2048])
   assert paper["multi"] == [[16, 200], [32, 100], [64, 50], [128, 25], [256, 12], [2048, 10]]
-  assert list(evaluate.default_funnels([8, 64])) == ["single"]
+  assert list(funnel.default_funnels([8, 64])) == ["single"]
 
 
 def test_labels_outside_the_heads_fail_linear_but_knn_works(monkeypatch):
@@ -199,7 +201,7 @@ def test_check_evals_accepts_good_options():
                     "f": dict(type="funnel", funnels={"two": [(4, 30), (16, 10)]}),
                     "q": dict(type="quantized", kinds=["binary"]),
                     "b": dict(type="baseline", methods="svd")})
-  assert evaluate.check_evals(config, _facts()) == 0
+  assert evaluate.num_neighbours(evaluate.check_evals(config, _facts())) == 0
   # Split sizes unknown: only the fraction itself is checked.
   assert adaptive.check_holdout(None, 0.5) == 0
   assert adaptive.check_holdout(64, 0.5) == 32

@@ -121,3 +121,29 @@ def test_two_processes_survive_sigterm_and_kill_and_match_one(fake_dataset_dir, 
   for a, b in zip(params, expected_params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   assert (workdir / "eval" / "results.json").exists()  # written by process 0
+
+
+def test_evaluation_on_process_local_rows_matches_one_process(tmp_path):
+  """kNN over two processes' own rows (uneven, ties across them) = one process."""
+  from tests import multihost_eval  # pylint: disable=g-import-not-at-top
+  from mrl_jax.evaluators import knn  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS.format(4))
+  out = tmp_path / "out.npz"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_eval", f"127.0.0.1:{port}", str(i), str(out)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-3000:] for l in logs)
+  got = np.load(out)
+  queries, database = multihost_eval.data()
+  for k in (1, 100):
+    scores, indices = knn.knn_search(queries, database, [4, 8, 16], k)  # 1 process, 8 devices
+    np.testing.assert_array_equal(got[f"indices_{k}"], indices)
+    np.testing.assert_allclose(got[f"scores_{k}"], scores, rtol=1e-6)
+  # The tied copies in process 1's rows lose to the originals in process 0's.
+  np.testing.assert_array_equal(got["indices_1"][:, :10, 0], np.tile(np.arange(10, 20), (3, 1)))
+  np.testing.assert_array_equal(got["gathered_embedding"], database)
+  np.testing.assert_array_equal(got["gathered_logits"], np.arange(300 * 6).reshape(2, 300, 3))
+  np.testing.assert_array_equal(got["summed"], [2, 1])

@@ -9,6 +9,7 @@ import pytest
 
 from mrl_jax import evaluate
 from mrl_jax import report as report_lib
+from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 from mrl_jax.evaluators import retrieval
 from tests import knn_reference
@@ -236,10 +237,11 @@ def test_majority_vote_ties_go_to_the_nearest_label():
   database = np.array([_ray(a) for a in (40, 20, 10, 50, 30)], np.float32)
   db_labels = np.array([0, 1, 0, 2, 1])  # A = 0, B = 1, C = 2
   queries = np.array([_ray(0)], np.float32)
-  splits = {"train": {"embedding": database, "label": db_labels},
-            "eval": {"embedding": queries, "label": np.array([0])}}
-  facts = {"nesting_dims": [2]}
-  out = evaluate.EVALUATORS["knn"][0]({"type": "knn", "k": [3, 4, 5]}, facts, splits)
+  data = base.Data(train={"embedding": database, "label": db_labels},
+                   eval={"embedding": queries, "label": np.array([0])})
+  evaluator = knn.Knn({"type": "knn", "k": [3, 4, 5]}, base.Context(nesting_dims=(2,)),
+                      "config.evals.knn")
+  out = evaluator.run(data)
   # k=1: A. k=3: A B B -> B. k=4: A B B A -> a 2-2 tie, A is nearest. k=5: A.
   assert out == {"knn_top1": {2: 1.0}, "knn3_top1": {2: 0.0},
                  "knn4_top1": {2: 1.0}, "knn5_top1": {2: 1.0}}
@@ -263,16 +265,17 @@ def test_knn_and_retrieval_share_one_search(monkeypatch):
   config = _config(knn=dict(type="knn", k=[1, 5]), ret=dict(type="retrieval", ks=[10, 25]))
   facts = {"nesting_dims": [8, 16],
            "dataset": types.SimpleNamespace(num_examples={"train": 120})}
-  splits = {"train": {"embedding": database, "label": db_labels},
-            "eval": {"embedding": queries, "label": query_labels},
-            "neighbours": {"k": evaluate.check_evals(config, facts)}}
-  assert splits["neighbours"]["k"] == 25
+  built = evaluate.check_evals(config, facts)
+  assert evaluate.num_neighbours(built) == 25
+  data = base.Data(train={"embedding": database, "label": db_labels},
+                   eval={"embedding": queries, "label": query_labels},
+                   num_neighbours=evaluate.num_neighbours(built))
   calls = []
   search = knn.knn_search
   monkeypatch.setattr(knn, "knn_search", lambda *a, **kw: calls.append(a[3]) or search(*a, **kw))
   metrics = {}
-  for cfg in config.evals.values():
-    metrics.update(evaluate.EVALUATORS[cfg.type][0](cfg, facts, splits))
+  for evaluator in built.values():
+    metrics.update(evaluator.run(data))
   assert calls == [25]
   dims = [8, 12, 16]
   ref = _brute_force_indices(queries, database, dims, 25)
@@ -286,11 +289,13 @@ def test_knn_and_retrieval_share_one_search(monkeypatch):
 
 def test_config_errors_name_the_field():
   facts = {"nesting_dims": [8], "dataset": types.SimpleNamespace(num_examples={"train": 50})}
-  assert evaluate.check_evals(_config(knn=dict(type="knn", k=[1])), facts) == 1
-  assert evaluate.check_evals(_config(knn=dict(type="knn", k=5)), facts) == 5
+  def neighbours(config, facts):
+    return evaluate.num_neighbours(evaluate.check_evals(config, facts))
+  assert neighbours(_config(knn=dict(type="knn", k=[1])), facts) == 1
+  assert neighbours(_config(knn=dict(type="knn", k=5)), facts) == 5
   big = {"nesting_dims": [8], "dataset": types.SimpleNamespace(num_examples={"train": 200})}
-  assert evaluate.check_evals(_config(ret=dict(type="retrieval")), big) == 100  # default ks
-  assert evaluate.check_evals(_config(lin=dict(type="linear")), facts) == 0
+  assert neighbours(_config(ret=dict(type="retrieval")), big) == 100  # default ks
+  assert neighbours(_config(lin=dict(type="linear")), facts) == 0
   with pytest.raises(ValueError, match=r"config\.evals\.knn\.k=\[60\] .* only 50 rows"):
     evaluate.check_evals(_config(knn=dict(type="knn", k=[60])), facts)
   with pytest.raises(ValueError, match=r"config\.evals\.ret\.ks=\[10, 25, 50, 100\] .* only 50"):
@@ -299,6 +304,9 @@ def test_config_errors_name_the_field():
     evaluate.check_evals(_config(ret=dict(type="retrieval", ks=[0])), facts)
   with pytest.raises(ValueError, match=r"config\.evals\.x\.type='nope' is not one of"):
     evaluate.check_evals(_config(x=dict(type="nope")), facts)
+  with pytest.raises(ValueError, match=r"config\.evals\.knn: unknown option\(s\) \['kk'\] .* "
+                     r"options are \['k'\]"):
+    evaluate.check_evals(_config(knn=dict(type="knn", kk=5)), facts)
   # Dims beyond the embedding: the search says which dims and the size.
   x = np.ones((4, 8), np.float32)
   with pytest.raises(ValueError, match=r"dims=\[8, 16\] .* \[1, 8\] \(8 = the embedding size\)"):

@@ -1,6 +1,6 @@
 """Approximate nearest neighbours with FAISS: the funnel's first stage.
 
-The funnel (`adaptive.funnel_search`) shortlists at a small dim and re-ranks
+The funnel (`funnel.funnel_search`) shortlists at a small dim and re-ranks
 exactly at larger ones. The MRL paper's wall-clock gain came from building
 that shortlist with HNSW on a CPU, and deployed MRL embeddings live in such
 ANN engines, so this is where adaptive retrieval is timed: a FAISS index over

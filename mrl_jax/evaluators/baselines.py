@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 
 METHODS = ("svd", "random")
@@ -164,3 +165,55 @@ def baseline_linear(train: Mapping, eval_: Mapping, dims: Sequence[int], method:
     out[m] = linear_probe(tx * keep, train["label"], ex * keep, eval_["label"],
                           num_classes=num_classes, steps=steps, l2=l2)
   return out
+
+
+PROBES = ("linear", "knn")
+
+
+class Baseline(base.Evaluator):
+  """svd_/random_ x linear_/knn_top1: SVD (PCA) and random-feature projections
+  of *this* model's full embedding.
+
+  Options: methods=['svd', 'random'], probes=['linear', 'knn'], dims (default
+  the nesting dims), seed=0, center=True, steps=100, l2=1e-4. The MRL paper
+  applies them to the embedding of the full-dim FF model (`mrl.mode='ff'`);
+  `python -m mrl_jax.reproduce` runs this evaluator on that model.
+  """
+  splits = ("eval", "train")
+  options = ("methods", "probes", "dims", "seed", "center", "steps", "l2")
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    methods = options.get("methods", list(METHODS))
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if not methods or any(m not in METHODS for m in methods):
+      raise ValueError(f"{field}.methods={methods!r} must be a non-empty list of "
+                       f"{list(METHODS)}.")
+    probes = options.get("probes", list(PROBES))
+    probes = [probes] if isinstance(probes, str) else list(probes)
+    if not probes or any(p not in PROBES for p in probes):
+      raise ValueError(f"{field}.probes={probes!r} must be a non-empty list of {list(PROBES)}.")
+    d = context.embedding_size
+    try:
+      dims = sorted({int(m) for m in options.get("dims") or context.nesting_dims})
+    except (TypeError, ValueError):
+      dims = []
+    if not dims or dims[0] < 1 or dims[-1] > d:
+      raise ValueError(f"{field}.dims={options.get('dims')!r} must be dims in [1, {d}] (the "
+                       "embedding size), e.g. the nesting dims (the default).")
+    self.methods, self.probes, self.dims = methods, probes, dims
+    self.seed, self.center = int(options.get("seed", 0)), bool(options.get("center", True))
+    self.steps, self.l2 = int(options.get("steps", 100)), float(options.get("l2", 1e-4))
+
+  def run(self, data):
+    train, ev = data.train, data.eval
+    out = {}
+    for method in self.methods:
+      if "linear" in self.probes:
+        out[f"{method}_linear_top1"] = baseline_linear(
+            train, ev, self.dims, method, seed=self.seed, center=self.center,
+            steps=self.steps, l2=self.l2)
+      if "knn" in self.probes:
+        out[f"{method}_knn_top1"] = baseline_knn(train, ev, self.dims, method,
+                                                 seed=self.seed, center=self.center)
+    return out

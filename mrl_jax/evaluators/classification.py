@@ -14,6 +14,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mrl_jax.evaluators import base
+
 
 @jax.jit
 def _batch_counts(logits, labels, mask):  # [M, B, C], [B], [B] -> [2, M] int32
@@ -62,3 +64,15 @@ class LinearAccuracy:
     top1, top5 = self.correct
     return {"linear_top1": {m: int(c) / total for m, c in zip(dims, top1)},
             "linear_top5": {m: int(c) / total for m, c in zip(dims, top5)}}
+
+
+class Linear(base.Evaluator):
+  """linear_top1 / linear_top5: the trained heads' accuracy at every head dim."""
+  needs_heads = True
+
+  def run(self, data):
+    self.check_eval(data)
+    acc = LinearAccuracy(self.context.head_dims)
+    acc.update(data.eval.local["logits"], data.eval.local["label"])  # this process's rows
+    acc.correct, acc.count = base.process_sum(acc.correct), int(base.process_sum(acc.count))
+    return acc.result()

@@ -57,6 +57,7 @@ import numpy as np
 
 from mrl_jax import prefix
 from mrl_jax import sharding
+from mrl_jax.evaluators import base
 
 # k = 1: (db_chunk, query_chunk) that keep one block in cache.
 _TOP1_CHUNKS = (512, 256)
@@ -69,11 +70,7 @@ _TOPK_QUERY_CHUNK = 64
 _TOPK_BUFFER_BYTES = 256 << 20
 
 
-def eval_dims(nesting_dims: Sequence[int]) -> list[int]:
-  """Trained dims plus the midpoints between neighbours: [8, 16, 32] -> [8, 12, 16, 24, 32]."""
-  dims = sorted(int(m) for m in nesting_dims)
-  mids = [(a + b) // 2 for a, b in zip(dims, dims[1:])]
-  return sorted(set(dims) | set(mids))
+eval_dims = prefix.eval_dims  # the dims every evaluator reports
 
 
 def _check_dims(dims, d: int) -> tuple[int, ...]:
@@ -261,11 +258,6 @@ def _sharded_search(mesh, **static):
       check_vma=False))
 
 
-def _to_global(x: np.ndarray, mesh, spec) -> jax.Array:
-  """A host array (the same on every process) as a global array sharded by `spec`."""
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
-
-
 def _to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(x)
@@ -274,13 +266,15 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def knn_search(queries, database, dims: Sequence[int], k: int, *,
                db_chunk: int | None = None, query_chunk: int | None = None,
-               db_mask=None, mesh: jax.sharding.Mesh | None = None):
+               db_mask=None, mesh: jax.sharding.Mesh | None = None,
+               process_local: bool = False):
   """Exact top-k cosine neighbours of each query at every prefix dim.
 
   Args:
     queries: [Q, d] embeddings (unnormalised; each prefix is normalised here).
-      Host arrays, the same on every process.
-    database: [N, d] embeddings.
+      Host arrays, the same on every process; with `process_local`, this
+      process's rows only.
+    database: [N, d] embeddings (the same, or this process's rows).
     dims: strictly increasing prefix sizes, e.g. `eval_dims(nesting_dims)`.
     k: neighbours per query.
     db_chunk, query_chunk: rows per streamed block. None picks what measured
@@ -291,11 +285,16 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
     db_mask: optional [N] bool/0-1; rows with 0 (padding) are never returned.
     mesh: devices to split the queries and the database over (all its
       axes); None = every device. Results do not depend on it.
+    process_local: each process passes its own rows (a contiguous slice of
+      the split, in process order, as `evaluate.embed_split` makes them): they
+      go to its own devices, and no host ever holds the whole database.
 
   Returns:
     NumPy scores [D, Q, k] float32 cosines, best first, and indices [D, Q, k]
     int32 database rows; ties go to the lower index. Slots with no valid row
-    left (k > number of valid rows) have score -inf and index -1.
+    left (k > number of valid rows) have score -inf and index -1. With
+    `process_local`, Q, N and the indices are those of every process's rows
+    concatenated in process order.
   """
   queries = np.asarray(queries, np.float32)
   database = np.asarray(database, np.float32)
@@ -306,33 +305,59 @@ def knn_search(queries, database, dims: Sequence[int], k: int, *,
   k = int(k)
   if k < 1:
     raise ValueError(f"kNN k={k} must be >= 1.")
-  num_q, n = queries.shape[0], database.shape[0]
+  n = database.shape[0]
   db_mask = (np.ones((n,), bool) if db_mask is None
              else np.asarray(db_mask).astype(bool).reshape(n))
   mesh = default_mesh() if mesh is None else mesh
-  plan = search_plan(num_q, n, len(dims), k, mesh.devices.size,
-                     platform=mesh.devices.flat[0].platform,
+  # Rows [queries, database] of each process: one block unless process-local.
+  counts = np.array([[queries.shape[0], n]])
+  if process_local and jax.process_count() > 1:
+    _check_process_blocks(mesh)
+    counts = np.asarray(multihost_utils.process_allgather(counts[0])).reshape(-1, 2)
+  procs = len(counts)
+  plan = search_plan(int(counts[:, 0].max()) * procs, int(counts[:, 1].max()) * procs,
+                     len(dims), k, mesh.devices.size, platform=mesh.devices.flat[0].platform,
                      db_chunk=db_chunk, query_chunk=query_chunk)
+  per_q, per_db = plan.num_queries // procs, plan.num_database // procs
 
-  def pad_to(x, size):
-    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  def place(x, rows):
+    """x padded to `rows` per process, split over the mesh (rows in process order)."""
+    x = np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    sharded = NamedSharding(mesh, P(mesh.axis_names))
+    if procs == 1:
+      return jax.make_array_from_callback(x.shape, sharded, lambda idx: x[idx])
+    return jax.make_array_from_process_local_data(sharded, x, (rows * procs,) + x.shape[1:])
 
   search = _sharded_search(mesh, dims=dims, k=k, db_chunk=plan.db_chunk,
                            query_chunk=plan.query_chunk)
   # Under our own mesh: a caller's context mesh (the trainer's, during a
   # periodic or --mode=eval evaluation) would clash with the shard_map's.
   with jax.set_mesh(mesh):
-    scores, indices = search(
-        _to_global(pad_to(queries, plan.num_queries), mesh, P(mesh.axis_names)),
-        _to_global(pad_to(database, plan.num_database), mesh, P(mesh.axis_names)),
-        _to_global(pad_to(db_mask, plan.num_database), mesh, P(mesh.axis_names)))
-  return _to_host(scores)[:, :num_q], _to_host(indices)[:, :num_q]
+    scores, indices = search(place(queries, per_q), place(database, per_db),
+                             place(db_mask, per_db))
+  scores, indices = _to_host(scores), _to_host(indices)
+  # Padded positions -> rows of the processes' rows concatenated.
+  offsets = np.concatenate([[0], np.cumsum(counts[:, 1])[:-1]])
+  indices = np.where(indices >= 0, offsets[indices // per_db] + indices % per_db, -1)
+  keep = np.concatenate([p * per_q + np.arange(c) for p, c in enumerate(counts[:, 0])])
+  return scores[:, keep], indices[:, keep].astype(np.int32)
+
+
+def _check_process_blocks(mesh) -> None:
+  """Process-local rows need each process's devices to be one run of the mesh."""
+  owners = [d.process_index for d in mesh.devices.flat]
+  if owners != sorted(owners):
+    raise ValueError("knn_search(process_local=True) needs a mesh whose devices are "
+                     "grouped by process (e.g. knn.default_mesh()); got processes "
+                     f"{owners} in mesh order.")
 
 
 def default_mesh(devices=None) -> jax.sharding.Mesh:
   """The 1-D mesh over `devices` (default: all) that queries are split over."""
-  # Device order does not matter: the search communicates only its results.
-  devices = jax.devices() if devices is None else list(devices)
+  # Grouped by process, so that each process's rows go to its own devices
+  # (`process_local`); otherwise the order does not matter.
+  devices = sorted(jax.devices() if devices is None else list(devices),
+                   key=lambda d: (d.process_index, d.id))
   return jax.sharding.Mesh(np.asarray(devices), ("queries",),
                            axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -442,3 +467,29 @@ def knn_top1(queries, query_labels, database, db_labels, dims: Sequence[int],
              **kwargs) -> dict[int, float]:
   """1-NN accuracy per dim (the paper's kNN top-1)."""
   return knn_classify(queries, query_labels, database, db_labels, dims, 1, **kwargs)
+
+
+class Knn(base.Evaluator):
+  """knn_top1 (1-NN) and knn{k}_top1 (majority vote of the k nearest; a tie
+  goes to the tied label with the nearest neighbour) for option k=[1, 5, ...]."""
+  splits = ("eval", "train")
+  options = ("k",)
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    from mrl_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
+    k = options.get("k", [1])
+    ks = retrieval.check_ks(k if isinstance(k, (list, tuple)) else [k], context.num_train,
+                            field=f"{field}.k")
+    self.ks = sorted(set(ks) | {1})
+
+  @property
+  def neighbours(self):
+    return self.ks[-1]
+
+  def run(self, data):
+    dims = self.context.eval_dims
+    indices = data.neighbours(dims, self.ks[-1])
+    return {("knn_top1" if k == 1 else f"knn{k}_top1"):
+            knn_accuracy(indices, data.train["label"], data.eval["label"], dims, k=k)
+            for k in self.ks}

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrl_jax import prefix
+from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 
 KINDS = ("float32", "int8", "binary")
@@ -129,3 +130,40 @@ def quantized_knn(queries, query_labels, database, db_labels, dims: Sequence[int
       queries, database = (quantize(a, "binary").astype(np.float32) for a in (queries, database))
     _, indices = knn.knn_search(queries, database, dims, k, **search_kwargs)
   return knn.knn_accuracy(indices, db_labels, query_labels, dims, k)
+
+
+class Quantized(base.Evaluator):
+  """knn_top1_<kind> (knn{k}_top1_<kind> for k > 1) with int8 / 1-bit prefixes.
+
+  Options: kinds=['int8', 'binary'], k=1. Section 'quantized':
+  {'bytes_per_vector': {kind: {dim: bytes}}} (float32 included for reference).
+  """
+  splits = ("eval", "train")
+  section = "quantized"
+  options = ("kinds", "k")
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    kinds = options.get("kinds", ["int8", "binary"])
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+      raise ValueError(f"{field}.kinds={kinds!r} must be a non-empty list of "
+                       f"{list(KINDS)}, e.g. ['int8', 'binary'].")
+    self.kinds = kinds
+    k, num_db = options.get("k", 1), context.num_train
+    if not prefix.is_int(k) or k < 1 or (num_db is not None and k > num_db):
+      raise ValueError(f"{field}.k={k!r} must be an int in [1, "
+                       f"{num_db or 'the train split size'}], e.g. 1.")
+    self.k = int(k)
+
+  def run(self, data):
+    dims = self.context.eval_dims
+    db, q = data.train, data.eval
+    metrics = {}
+    for kind in self.kinds:
+      name = f"knn_top1_{kind}" if self.k == 1 else f"knn{self.k}_top1_{kind}"
+      metrics[name] = quantized_knn(q["embedding"], q["label"], db["embedding"],
+                                    db["label"], dims, kind, k=self.k)
+    sizes = {kind: bytes_per_vector(dims, kind)
+             for kind in ["float32"] + [k for k in self.kinds if k != "float32"]}
+    return metrics, {"quantized": {"bytes_per_vector": sizes}}

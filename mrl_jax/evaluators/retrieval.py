@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 
 DEFAULT_KS = (10, 25, 50, 100)
@@ -105,3 +106,23 @@ def knn_retrieval(queries, query_labels, database, db_labels, dims: Sequence[int
                               **search_kwargs)
   return retrieval_metrics(indices, db_labels, query_labels, dims, ks,
                            query_mask=query_mask, db_mask=db_mask)
+
+
+class Retrieval(base.Evaluator):
+  """map@k (AP normalised by k), precision@k, recall@k for option ks=[10, ...]:
+  eval-split queries against the train split, relevant = same label."""
+  splits = ("eval", "train")
+  options = ("ks",)
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    self.ks = check_ks(options.get("ks", DEFAULT_KS), context.num_train, field=f"{field}.ks")
+
+  @property
+  def neighbours(self):
+    return self.ks[-1]
+
+  def run(self, data):
+    dims = self.context.eval_dims
+    return retrieval_metrics(data.neighbours(dims, self.ks[-1]), data.train["label"],
+                             data.eval["label"], dims, self.ks)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from mrl_jax import prefix
+from mrl_jax.evaluators import base
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_RECALL_KS = (1, 5, 10)
@@ -116,3 +117,62 @@ def image_text_recall(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
       out[f"i2t_recall@{k}"][m] = float(np.mean(best[has_caption] < k))
       out[f"t2i_recall@{k}"][m] = float(np.mean(t_rank < k))
   return out
+
+
+class ZeroShot(base.Evaluator):
+  """zeroshot_top1: class prompts embedded by the text tower (options
+  class_names, default the dataset's label names; templates)."""
+  needs_text_tower = True
+  options = ("class_names", "templates")
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    self.templates = list(options.get("templates") or DEFAULT_TEMPLATES)
+    prompts(["x"], self.templates)  # bad templates fail now
+    self.class_names = options.get("class_names")
+    if context.class_names is not None:  # the dataset is known: check the names now
+      names = self.names()
+      if context.num_classes and len(names) != context.num_classes:
+        raise ValueError(
+            f"{field}.class_names has {len(names)} names but the dataset has "
+            f"{context.num_classes} classes (config.dataset.num_classes / its label "
+            "feature); give one name per class, in label order.")
+
+  def names(self) -> list[str]:
+    names = self.class_names or self.context.class_names
+    if not names:
+      raise ValueError(
+          "Zero-shot needs class names: the dataset's label feature has none; set "
+          f"{self.field}.class_names=[...] (one per label, in label order).")
+    return list(names)
+
+  def run(self, data):
+    names = self.names()
+    emb = data.embed_texts(prompts(names, self.templates))
+    return {"zeroshot_top1": zeroshot_accuracy(
+        data.eval["embedding"], data.eval["label"], emb, len(names), self.context.eval_dims)}
+
+
+class ImageText(base.Evaluator):
+  """i2t_recall@k, t2i_recall@k on the first num_images eval images (options
+  num_images, default all; ks=[1, 5, 10])."""
+  needs_text_tower = True
+  needs_captions = True
+  needs_labels = False
+  options = ("num_images", "ks")
+
+  def __init__(self, options, context, field):
+    super().__init__(options, context, field)
+    from mrl_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
+    self.ks = retrieval.check_ks(options.get("ks", DEFAULT_RECALL_KS), field=f"{field}.ks")
+    self.num_images = options.get("num_images")
+    if self.num_images is not None and (not prefix.is_int(self.num_images)
+                                        or self.num_images < 1):
+      raise ValueError(f"{field}.num_images={self.num_images!r} must be a positive int "
+                       "(the first eval images) or None (all of them).")
+
+  def run(self, data):
+    ev = data.eval
+    n = self.num_images or len(ev["embedding"])
+    return image_text_recall(ev["embedding"][:n], ev["text_embedding"][:n],
+                             ev["text_mask"][:n], self.context.eval_dims, self.ks)
