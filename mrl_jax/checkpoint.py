@@ -5,16 +5,49 @@ directory, renamed when complete), so a run killed mid-save resumes from the
 previous complete step. The Grain iterator state is a few bytes per process,
 which is what makes the resume exact: the restarted run sees the same examples
 the uninterrupted run would have seen.
+
+What is never lost:
+* Nothing non-finite is saved: `save` checks the whole state on device first
+  (one reduction) and raises `NonFiniteState` instead.
+* Every saved array carries a fingerprint (two wrapping uint32 sums of its
+  bits, the second weighted by position: exact on any mesh), written with
+  the step. A restore recomputes them and checks finiteness, so bytes that
+  changed on disk are caught even when the storage layer reads them
+  without complaint.
+* A step is set aside (renamed `STEP.corrupt`) only when its bytes are
+  positively bad: a fingerprint mismatch, non-finite values, garbled or
+  missing files (`is_corruption`). Anything else (permissions, I/O, memory,
+  a changed input pipeline) is raised with the checkpoint untouched. All
+  processes agree before anything is renamed, the last remaining step is
+  never set aside, and a read-only checkpointer (eval, embed) renames
+  nothing.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class NonFiniteState(FloatingPointError):
+  """The state to save has NaN or Inf values; nothing was written."""
+
+
+class CorruptCheckpoint(Exception):
+  """A checkpoint's bytes are bad: restored values differ from what was saved."""
+
+
+class RestoreError(RuntimeError):
+  """A checkpoint could not be restored for a reason other than its bytes."""
 
 
 def abstract_like(tree: Any) -> Any:
@@ -30,39 +63,145 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """{'params/blocks/0/mlp/fc1/kernel': shape} for arrays and metadata alike.
+def _flat(tree: Any) -> dict[str, Any]:
+  """{'params/blocks/0/mlp/fc1/kernel': leaf} for arrays and metadata alike.
 
   nnx Variables contribute a trailing 'value' key that the saved tree spells
   the same way, so live states and checkpoint metadata compare directly.
   """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   out = {}
-  for path, leaf in leaves:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = [_key_name(k) for k in path]
     if names and names[-1] == "value":
       names = names[:-1]
-    out["/".join(names)] = tuple(getattr(leaf, "shape", ()))
+    out["/".join(names)] = leaf
   return out
 
 
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {p: tuple(getattr(leaf, "shape", ())) for p, leaf in _flat(tree).items()}
+
+
+# ----------------------------------------------------------------------------
+# Fingerprints and finiteness, computed on device.
+# ----------------------------------------------------------------------------
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (8-byte types: two per element, last axis)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 8:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  uint = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[size]
+  return lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """[2] uint32: sum of the words and their position-weighted sum, mod 2**32.
+
+  Integer sums wrap exactly, so the result does not depend on the sharding or
+  the reduction order; the weights (an odd multiplier of the row-major
+  position, plus one) make moved or swapped bytes count too.
+  """
+  w = _bits(x)
+  pos = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(w.ndim)):  # row-major position, no reshape of a sharded array
+    pos = pos + lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  weight = pos * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _summary(tree):
+  """(fingerprints {path: [2] uint32}, all values finite) in one program."""
+  flat = _flat(tree)
+  finite = jnp.array(True)
+  for x in flat.values():
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite = finite & jnp.all(jnp.isfinite(x))
+  return {p: _fingerprint(x) for p, x in flat.items()}, finite
+
+
+def summary(tree) -> tuple[dict[str, list[int]], bool]:
+  """({path: [sum, weighted sum]} as ints, whether every float value is finite)."""
+  prints, finite = jax.device_get(_summary(tree))
+  return {p: [int(v) for v in np.asarray(fp)] for p, fp in prints.items()}, bool(finite)
+
+
+# ----------------------------------------------------------------------------
+# What counts as corruption.
+# ----------------------------------------------------------------------------
+# TensorStore status codes of bytes that are bad or missing ...
+_CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
+# ... and of failures that say nothing about the bytes (may pass, or need a fix elsewhere).
+_OTHER_CODES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                "ABORTED", "CANCELLED", "UNAUTHENTICATED", "UNIMPLEMENTED")
+_CODE = re.compile(r"\b(" + "|".join(_CORRUPT_CODES + _OTHER_CODES) + r")\b")
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def is_corruption(error: BaseException) -> bool:
+  """Whether `error` (raised reading a checkpoint) positively means its bytes are bad.
+
+  Yes: a fingerprint mismatch or non-finite values (`CorruptCheckpoint`),
+  unparsable metadata, a missing file, or a storage error saying so
+  (TensorStore's DATA_LOSS, OUT_OF_RANGE, FAILED_PRECONDITION, NOT_FOUND).
+  No: everything else, e.g. permissions, I/O, memory, threads, or an input
+  pipeline whose state does not fit the saved one.
+  """
+  errors = list(_chain(error))
+  if any(isinstance(e, (PermissionError, MemoryError)) for e in errors):
+    return False
+  codes = {c for e in errors for c in _CODE.findall(str(e))}
+  if codes & set(_OTHER_CODES):
+    return False
+  if any(isinstance(e, (CorruptCheckpoint, json.JSONDecodeError, UnicodeDecodeError,
+                        FileNotFoundError)) for e in errors):
+    return True
+  return bool(codes & set(_CORRUPT_CODES))
+
+
+def _agree(code: int) -> int:
+  """The largest code over all processes (one collective; 0 = ok, 1 = corrupt, 2 = error)."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+_OK, _CORRUPT, _ERROR = 0, 1, 2
+
+
 class Checkpointer:
-  """A CheckpointManager holding items 'state' (pytree) and 'data' (Grain)."""
+  """A CheckpointManager holding items 'state' (pytree), 'data' (Grain) and
+  'fingerprint' (JSON: every array's fingerprint)."""
 
   def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(directory)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             # Keep more than one so a bad last save never leaves us with none.
             max_to_keep=max(2, max_to_keep),
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         ),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
+            "fingerprint": ocp.JsonCheckpointHandler(),
         },
     )
     self._partial_reader = None
@@ -75,7 +214,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any = None, *,
            force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state)}
+    """Saves `state` (and the iterator) as `step`; raises `NonFiniteState` instead
+    of writing a state with NaN or Inf values."""
+    prints, finite = summary(state)
+    if not finite:
+      raise NonFiniteState(f"the train state of step {step} has NaN or Inf values")
+    items = {"state": ocp.args.StandardSave(state), "fingerprint": ocp.args.JsonSave(prints)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -85,52 +229,98 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None, *,
               partial: bool = False) -> Any:
-    """Restores the state (shaped and sharded like `abstract_state`).
+    """Restores the state (shaped and sharded like `abstract_state`) and verifies it.
 
     The data iterator, when given, is restored in place. With `partial`,
     `abstract_state` holds some of the saved state's top-level entries (e.g.
     params and model state, no optimizer state) and only those are read.
+    Raises `CorruptCheckpoint` when the restored values are not those saved.
     """
     if partial:
       restored = self._reader().restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               item=abstract_state, partial_restore=True,
               restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))))
-      logging.info("Restored %s of step %d from %s", "/".join(abstract_state), step,
-                   self.directory)
-      return restored["state"]
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info("Restored checkpoint of step %d from %s", step, self.directory)
-    return restored["state"]
+      state = restored["state"]
+    else:
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    self._verify(step, state)
+    logging.info("Restored %s of step %d from %s",
+                 "/".join(abstract_state) if partial else "the checkpoint", step,
+                 self.directory)
+    return state
+
+  def _verify(self, step: int, state: Any) -> None:
+    prints, finite = summary(state)
+    if not finite:
+      raise CorruptCheckpoint(f"step {step} restored NaN or Inf values, which are never saved")
+    path = self.directory / str(step) / "fingerprint"
+    if not path.exists():  # written by a version without fingerprints
+      logging.warning("Checkpoint of step %d has no fingerprints; not verified.", step)
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+    bad = sorted(p for p, fp in prints.items() if p in saved and saved[p] != fp)
+    if bad:
+      raise CorruptCheckpoint(
+          f"step {step}: {len(bad)} restored array(s) differ from what was saved "
+          f"(fingerprint mismatch; first: {bad[0]})")
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any = None, *,
                      partial: bool = False) -> tuple[int | None, Any]:
-    """(step, state) of the newest restorable checkpoint, or (None, None).
+    """(step, state) of the newest good checkpoint, or (None, None) if there is none.
 
-    A checkpoint that cannot be read (a partial copy, a truncated file) is
-    renamed `STEP.corrupt` with a warning and the previous one is tried; good
-    checkpoints are never removed. A checkpoint that reads fine but does not
-    match `abstract_state` (another model or nesting config) is an error.
-    `partial` as in `restore`.
+    A step whose bytes are bad (`is_corruption`) is set aside as
+    `STEP.corrupt` with a warning (a read-only checkpointer only skips it)
+    and the previous one is tried; all processes agree first. Any other
+    failure raises `RestoreError` with the step untouched. A checkpoint that
+    reads fine but does not match `abstract_state` (another model or nesting
+    config) is a `ValueError`. When every remaining step is corrupt, this
+    refuses (`CorruptCheckpoint`) instead of starting over. `partial` as in
+    `restore`.
     """
-    for step in sorted(self.all_steps(), reverse=True):
+    steps = sorted(self.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      code, state, error = _OK, None, None
       try:
-        metadata = self._manager.item_metadata(step)["state"]
-        saved = _flat_shapes(metadata.tree)
+        saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree)
+        if partial:  # compare the entries asked for only
+          saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
+        self._check_compatible(step, saved, abstract_state)
+        state = self.restore(step, abstract_state, data_iterator, partial=partial)
+      except ValueError as e:
+        if not is_corruption(e):  # a config mismatch: the same on every process
+          raise
+        code, error = _CORRUPT, e
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
-        continue
-      if partial:  # compare the entries asked for only
-        saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
-      self._check_compatible(step, saved, abstract_state)
-      try:
-        return step, self.restore(step, abstract_state, data_iterator, partial=partial)
-      except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        code, error = (_CORRUPT if is_corruption(e) else _ERROR), e
+      agreed = _agree(code)
+      if agreed == _OK:
+        return step, state
+      if agreed == _ERROR:
+        raise RestoreError(self._error_message(step, error)) from error
+      reason = _first_line(error) if error is not None else "another process found it corrupt"
+      if i == len(steps) - 1:
+        raise CorruptCheckpoint(
+            f"The checkpoint of step {step} in {self.directory} is corrupt ({reason}) and "
+            "no earlier one is left; not starting over from step 0 while checkpoints "
+            f"exist. Fix: if it cannot be recovered, move {self.directory} aside (or use "
+            "a new --workdir) to train from scratch.") from error
+      self._set_aside(step, reason)
     return None, None
+
+  def _error_message(self, step: int, error: BaseException | None) -> str:
+    what = ("another process failed to read it" if error is None
+            else f"{type(error).__name__}: {_first_line(error)}")
+    return (
+        f"Could not restore the checkpoint of step {step} in {self.directory} ({what}). "
+        "It is left untouched: this is not a sign that its bytes are bad. Check "
+        "permissions, storage access and memory and re-run; if the config's input "
+        "pipeline changed (e.g. config.input.worker_count), resume with the saved "
+        f"values ({self.directory.parent / 'config.json'}).")
 
   def _check_compatible(self, step: int, saved: dict[str, tuple[int, ...]],
                         abstract_state: Any) -> None:
@@ -156,10 +346,13 @@ class Checkpointer:
           f"config: it has {extra[0]} (shape {tuple(saved[extra[0]])}), which this "
           f"config's model does not. {fix}")
 
-  def _set_aside(self, step: int, error: Exception) -> None:
-    logging.warning("Checkpoint of step %d in %s is unreadable (%s: %s); set aside "
-                    "as %d.corrupt, trying the previous one.", step, self.directory,
-                    type(error).__name__, str(error).splitlines()[0][:200], step)
+  def _set_aside(self, step: int, reason: str) -> None:
+    if self.read_only:
+      logging.warning("Checkpoint of step %d in %s is corrupt (%s); skipped (left in "
+                      "place), trying the previous one.", step, self.directory, reason)
+      return
+    logging.warning("Checkpoint of step %d in %s is corrupt (%s); set aside as "
+                    "%d.corrupt, trying the previous one.", step, self.directory, reason, step)
     if jax.process_index() == 0:
       src = self.directory / str(step)
       dst = self.directory / f"{step}.corrupt"
@@ -191,3 +384,7 @@ class Checkpointer:
     self._manager.close()
     if self._partial_reader is not None:
       self._partial_reader.close()
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [""])[0][:300]

@@ -286,12 +286,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
         if (ckpt_every > 0 and step % ckpt_every == 0) or last:
           _check_finite(step, metrics, ckpt)
-          ckpt.save(step, state, train_iter, force=True)
+          _save(ckpt, step, state, train_iter)
 
         if not last and preemption.reached(step):
           _check_finite(step, metrics, ckpt)
           if ckpt.latest_step() != step:
-            ckpt.save(step, state, train_iter, force=True)
+            _save(ckpt, step, state, train_iter)
           ckpt.wait_until_finished()
           logging.warning("Preempted: saved the checkpoint of step %d; exiting. "
                           "Re-run the same command to continue.", step)
@@ -373,7 +373,7 @@ MODEL_KEYS = ("params", "rest")
 def restore_model(s: Setup, workdir, *, mode: str) -> tuple[int, dict[str, Any]]:
   """(step, {'params', 'rest'}) of the newest checkpoint in `workdir`."""
   workdir = workdir_path(workdir)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   try:
     model = {k: s.abstract_state[k] for k in MODEL_KEYS}
     step, state = ckpt.restore_latest(model, partial=True)
@@ -478,6 +478,17 @@ def _check_finite(step, metrics, ckpt):
         f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
         "Fix: lower config.optimizer.learning_rate or set "
         "config.optimizer.grad_clip_norm, then re-run to resume from it.")
+
+
+def _save(ckpt, step, state, train_iter):
+  try:
+    ckpt.save(step, state, train_iter, force=True)
+  except checkpoint_lib.NonFiniteState as e:
+    raise FloatingPointError(
+        f"Non-finite values in the train state at step {step} ({e}); stopping without "
+        f"saving. The last good checkpoint is step {ckpt.latest_step()} in "
+        f"{ckpt.directory}. Fix: lower config.optimizer.learning_rate or set "
+        "config.optimizer.grad_clip_norm, then re-run to resume from it.") from None
 
 
 def _write_eval_scalars(writer, step, results):
