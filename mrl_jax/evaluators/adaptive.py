@@ -302,7 +302,7 @@ class Adaptive(base.Evaluator):
   """
   needs_heads = True
   section = "adaptive"
-  options = ("holdout", "seeds", "grid", "budgets", "tolerance")
+  option_names = ("holdout", "seeds", "grid", "budgets", "tolerance")
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)

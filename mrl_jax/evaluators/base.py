@@ -15,14 +15,17 @@ twice in one process compiles nothing the second time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mrl_jax import prefix
 
 Metrics = dict[str, dict[int, float]]
+DEFAULT_KS = (10, 25, 50, 100)  # retrieval cut-offs
 
 
 def plain(x):
@@ -43,7 +46,8 @@ class Context:
   num_eval: int | None = None      # rows of the eval split (the queries)
   eval_split: str = "eval"
   mode: str | None = None          # config.mrl.mode
-  class_names: tuple[str, ...] | None = None  # the dataset's label names, if any
+  # The dataset's label names; () when it has none, None when the dataset is not known.
+  class_names: tuple[str, ...] | None = None
   num_classes: int | None = None
 
   @property
@@ -63,16 +67,16 @@ class Evaluator:
   needs_text_tower: bool = False  # embeds text (dual encoders only)
   needs_captions: bool = False    # the eval split's captions (config.dataset.text_key)
   section: str | None = None      # its own results.json entry (one evaluator per section)
-  options: tuple[str, ...] = ()   # the option names it reads, besides 'type'
+  option_names: tuple[str, ...] = ()  # the options it reads, besides 'type'
 
   def __init__(self, options: Mapping[str, Any], context: Context, field: str):
     self.field = field  # e.g. 'config.evals.knn', for messages
     self.type = options.get("type")
     self.context = context
-    unknown = sorted(set(options) - set(self.options) - {"type"})
+    unknown = sorted(set(options) - set(self.option_names) - {"type"})
     if unknown:
       raise ValueError(f"{field}: unknown option(s) {unknown} for type "
-                       f"{options.get('type')!r}; its options are {sorted(self.options)}.")
+                       f"{options.get('type')!r}; its options are {sorted(self.option_names)}.")
 
   @property
   def neighbours(self) -> int:
@@ -92,6 +96,23 @@ class Evaluator:
 
   def run(self, data: "Data") -> Metrics | tuple[Metrics, dict[str, Any]]:
     raise NotImplementedError
+
+
+def check_ks(ks: Sequence[int], num_neighbours: int | None = None, *,
+             field: str = "ks") -> tuple[int, ...]:
+  """Sorted, de-duplicated ks; each an int in [1, num_neighbours] (None: no upper bound)."""
+  values = list(ks) if isinstance(ks, (Sequence, np.ndarray)) else [ks]
+  if (not values or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
+                        for k in values)):
+    raise ValueError(f"{field}={ks!r} must be a non-empty list of positive ints, "
+                     f"e.g. {list(DEFAULT_KS)}.")
+  out = tuple(sorted({int(k) for k in values}))
+  if num_neighbours is not None and out[-1] > num_neighbours:
+    raise ValueError(
+        f"{field}={list(out)} asks for the {out[-1]} nearest neighbours, but the "
+        f"database (train split) has only {num_neighbours} rows. Fix: use values "
+        f"<= {num_neighbours}.")
+  return out
 
 
 def check_head_labels(labels, num_classes: int, *, split: str = "eval",
@@ -122,7 +143,6 @@ _ROW_AXIS = {"logits": 1}
 
 def _gather_rows(local: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
   """Every process's `local` rows, in process order (each holds counts[p] rows)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   pad = [(0, 0)] * local.ndim
   pad[axis] = (0, int(counts.max()) - local.shape[axis])
   stacked = np.asarray(multihost_utils.process_allgather(np.pad(local, pad)))  # [P, ...]
@@ -166,8 +186,6 @@ class Split(Mapping):
 
 def process_sum(x) -> np.ndarray:
   """The sum over processes of a small array (e.g. correct counts)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   x = np.asarray(x)
   if jax.process_count() == 1:
     return x

@@ -180,7 +180,7 @@ class Baseline(base.Evaluator):
   `python -m mrl_jax.reproduce` runs this evaluator on that model.
   """
   splits = ("eval", "train")
-  options = ("methods", "probes", "dims", "seed", "center", "steps", "l2")
+  option_names = ("methods", "probes", "dims", "seed", "center", "steps", "l2")
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)

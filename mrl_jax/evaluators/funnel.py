@@ -284,7 +284,7 @@ class Funnel(base.Evaluator):
   """
   splits = ("eval", "train")
   section = "funnel"
-  options = ("funnels", "ks", "index", "db_chunk", *_INDEX_OPTIONS)
+  option_names = ("funnels", "ks", "index", "db_chunk", *_INDEX_OPTIONS)
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)

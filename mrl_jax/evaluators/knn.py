@@ -473,13 +473,12 @@ class Knn(base.Evaluator):
   """knn_top1 (1-NN) and knn{k}_top1 (majority vote of the k nearest; a tie
   goes to the tied label with the nearest neighbour) for option k=[1, 5, ...]."""
   splits = ("eval", "train")
-  options = ("k",)
+  option_names = ("k",)
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)
-    from mrl_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
     k = options.get("k", [1])
-    ks = retrieval.check_ks(k if isinstance(k, (list, tuple)) else [k], context.num_train,
+    ks = base.check_ks(k if isinstance(k, (list, tuple)) else [k], context.num_train,
                             field=f"{field}.k")
     self.ks = sorted(set(ks) | {1})
 

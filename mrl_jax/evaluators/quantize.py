@@ -140,7 +140,7 @@ class Quantized(base.Evaluator):
   """
   splits = ("eval", "train")
   section = "quantized"
-  options = ("kinds", "k")
+  option_names = ("kinds", "k")
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)

@@ -23,24 +23,8 @@ import numpy as np
 from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 
-DEFAULT_KS = (10, 25, 50, 100)
-
-
-def check_ks(ks: Sequence[int], num_neighbours: int | None = None, *,
-             field: str = "ks") -> tuple[int, ...]:
-  """Sorted, de-duplicated ks; each an int in [1, num_neighbours] (None: no upper bound)."""
-  values = list(ks) if isinstance(ks, (Sequence, np.ndarray)) else [ks]
-  if (not values or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
-                        for k in values)):
-    raise ValueError(f"{field}={ks!r} must be a non-empty list of positive ints, "
-                     f"e.g. {list(DEFAULT_KS)}.")
-  out = tuple(sorted({int(k) for k in values}))
-  if num_neighbours is not None and out[-1] > num_neighbours:
-    raise ValueError(
-        f"{field}={list(out)} asks for the {out[-1]} nearest neighbours, but the "
-        f"database (train split) has only {num_neighbours} rows. Fix: use values "
-        f"<= {num_neighbours}.")
-  return out
+DEFAULT_KS = base.DEFAULT_KS
+check_ks = base.check_ks
 
 
 def retrieval_metrics(indices, db_labels, query_labels, dims: Sequence[int],
@@ -112,7 +96,7 @@ class Retrieval(base.Evaluator):
   """map@k (AP normalised by k), precision@k, recall@k for option ks=[10, ...]:
   eval-split queries against the train split, relevant = same label."""
   splits = ("eval", "train")
-  options = ("ks",)
+  option_names = ("ks",)
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)

@@ -123,7 +123,7 @@ class ZeroShot(base.Evaluator):
   """zeroshot_top1: class prompts embedded by the text tower (options
   class_names, default the dataset's label names; templates)."""
   needs_text_tower = True
-  options = ("class_names", "templates")
+  option_names = ("class_names", "templates")
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)
@@ -159,12 +159,11 @@ class ImageText(base.Evaluator):
   needs_text_tower = True
   needs_captions = True
   needs_labels = False
-  options = ("num_images", "ks")
+  option_names = ("num_images", "ks")
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)
-    from mrl_jax.evaluators import retrieval  # pylint: disable=g-import-not-at-top
-    self.ks = retrieval.check_ks(options.get("ks", DEFAULT_RECALL_KS), field=f"{field}.ks")
+    self.ks = base.check_ks(options.get("ks", DEFAULT_RECALL_KS), field=f"{field}.ks")
     self.num_images = options.get("num_images")
     if self.num_images is not None and (not prefix.is_int(self.num_images)
                                         or self.num_images < 1):
