@@ -16,7 +16,9 @@ fits, FLOPs, collectives (see mrl_jax/compile.py). The whole reproduction
 `python -m mrl_jax.reproduce`.
 
 Any config field can be overridden: --config.batch_size=128. Re-running the
-same command in the same workdir resumes from the latest checkpoint.
+same command in the same workdir resumes from the latest checkpoint. One run
+trains in a workdir at a time (WORKDIR/LOCK); --force takes over from one
+that died without releasing it.
 Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I.
 """
@@ -53,6 +55,10 @@ _NORMALIZE = flags.DEFINE_bool("normalize", False, "--mode=embed: L2-normalise e
                                "(truncated) embedding.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 1_000_000, "--mode=embed: splits with more "
                                    "examples are written as numbered shards of this many rows.")
+_FORCE = flags.DEFINE_bool("force", False, "--mode=train: take the workdir over from the "
+                           "run that holds its lease (WORKDIR/LOCK). Only after confirming "
+                           "that run is dead: two live runs overwrite each other's "
+                           "checkpoints.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-host CPU/GPU runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -114,7 +120,7 @@ def main(argv):
 
   from mrl_jax import train  # pylint: disable=g-import-not-at-top
   if _MODE.value == "train":
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
   elif _MODE.value == "eval":
     train.run_eval(_CONFIG.value, _WORKDIR.value)
   else:

@@ -31,6 +31,7 @@ from mrl_jax import matryoshka
 from mrl_jax import models
 from mrl_jax import sharding
 from mrl_jax import tasks
+from mrl_jax import workdir as workdir_lib
 from mrl_jax.data import input_pipeline
 from mrl_jax.data import prepare
 
@@ -198,22 +199,31 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
 # Everything.
 # ----------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        devices=None) -> dict[str, Any]:
+        devices=None, force: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`, then evaluates; returns the results.
 
-  `devices` (default: all) are the devices the mesh is laid over.
+  `devices` (default: all) are the devices the mesh is laid over. The run
+  holds the workdir's lease (`workdir.Lease`) throughout; `force` takes it
+  over from a run that is known to be dead.
   """
   workdir = workdir_path(workdir)
-  is_main = jax.process_index() == 0
-
-  # Mesh, config checks, model and optimizer, the state's shardings.
+  # Mesh, config checks, model and optimizer, the state's shardings: every
+  # mistake in the config is reported before anything is written.
   s = setup(config, devices=devices)
+  total_steps = num_train_steps(
+      config, s.facts["dataset"].num_examples[config.dataset.train_split])
+  if jax.process_index() == 0:
+    workdir_lib.prepare(workdir)
+  with workdir_lib.Lease(workdir, force=force) as lease:
+    return _train(config, workdir, s, total_steps, lease)
+
+
+def _train(config, workdir: epath.Path, s: Setup, total_steps: int,
+           lease: workdir_lib.Lease) -> dict[str, Any]:
+  """`run`'s body, under the workdir's lease."""
+  is_main = jax.process_index() == 0
   mesh, facts, task, tx = s.mesh, s.facts, s.task, s.tx
   init_fn, abstract_state, state_sharding = s.init_fn, s.abstract_state, s.state_sharding
-  total_steps = num_train_steps(config, facts["dataset"].num_examples[config.dataset.train_split])
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   logging.info("Mesh %s; %d steps of global batch %d; nesting dims %s (%s)",
                dict(mesh.shape), total_steps, config.batch_size,
                facts["nesting_dims"], config.mrl.mode)
@@ -240,6 +250,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()
   start_step = int(state["step"])
+  # The config is recorded only now that the checkpoint is known to fit it.
+  if is_main:
+    workdir_lib.save_config(workdir, config, start_step)
 
   # Metrics: TensorBoard events + console, from process 0 only.
   writer = metric_writers.create_default_writer(
@@ -286,12 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
         if (ckpt_every > 0 and step % ckpt_every == 0) or last:
           _check_finite(step, metrics, ckpt)
-          _save(ckpt, step, state, train_iter)
+          _save(ckpt, step, state, train_iter, lease)
 
         if not last and preemption.reached(step):
           _check_finite(step, metrics, ckpt)
           if ckpt.latest_step() != step:
-            _save(ckpt, step, state, train_iter)
+            _save(ckpt, step, state, train_iter, lease)
           ckpt.wait_until_finished()
           logging.warning("Preempted: saved the checkpoint of step %d; exiting. "
                           "Re-run the same command to continue.", step)
@@ -480,7 +493,8 @@ def _check_finite(step, metrics, ckpt):
         "config.optimizer.grad_clip_norm, then re-run to resume from it.")
 
 
-def _save(ckpt, step, state, train_iter):
+def _save(ckpt, step, state, train_iter, lease):
+  lease.check()  # never a second writer: stop if another run took the workdir over
   try:
     ckpt.save(step, state, train_iter, force=True)
   except checkpoint_lib.NonFiniteState as e:

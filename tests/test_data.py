@@ -677,3 +677,36 @@ def test_train_batches_batched_and_per_example_paths(data_dir, augment,
   if image_size == SIDE:  # Constant images survive a 0-pixel crop + flip.
     np.testing.assert_array_equal(batch['label'],
                                   _ids(batch['image']) % NUM_CLASSES)
+
+
+def test_train_iterator_state_does_not_depend_on_the_worker_layout(data_dir):
+  """Saved in-process, resumed with 2 workers (and back): the same batches."""
+  config = _config(data_dir, augment='crop_flip')
+  it = iter(input_pipeline.create_train_loader(config))
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 3)
+  config.input.worker_count = 2
+  workers = iter(input_pipeline.create_train_loader(config))
+  workers.set_state(state)
+  with_workers = _take(workers, 3)
+  state = workers.get_state()
+  assert state['position'] == 6 and state['worker_count'] == 2
+  config.input.worker_count = 0
+  back = iter(input_pipeline.create_train_loader(config))
+  back.set_state(state)
+  after = _take(back, 1)
+  it.set_state(state)
+  for e, w in zip(expected + _take(it, 1), with_workers + after):
+    np.testing.assert_array_equal(e['image'], w['image'])
+    np.testing.assert_array_equal(e['label'], w['label'])
+
+
+@pytest.mark.parametrize('state, position', [
+    ({'next_index': 5}, 5),
+    ({'next_index_in_cycle': 1, 'next_index_in_datasets': 2, 'iterators_in_use_indices':
+      [0, 1], 'iterators_in_use_states': [{'next_index': 3}, {'next_index': 2}],
+      'exhausted': [0, 0], 'future_states': {}}, 5),
+])
+def test_grain_states_of_older_checkpoints_are_read_as_positions(state, position):
+  assert input_pipeline._grain_position(state) == position

@@ -122,8 +122,11 @@ class _Interrupt(Exception):
   pass
 
 
-def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch):
-  """6 steps straight == 3 steps, a crash, and a restart that does the rest."""
+@pytest.mark.parametrize("resume_overrides", [{}, {"input.worker_count": 2}],
+                         ids=["same_config", "other_worker_count"])
+def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch, resume_overrides):
+  """6 steps straight == 3 steps, a crash, and a restart that does the rest,
+  also when the restart decodes with another number of worker processes."""
   straight = tmp_path / "straight"
   monkeypatch.chdir(tmp_path)  # a relative workdir, as `make demo` passes
   train.run(small_config(fake_dataset_dir), "straight")
@@ -142,7 +145,11 @@ def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch):
   with pytest.raises(_Interrupt):
     train.run(small_config(fake_dataset_dir), str(resumed))
   monkeypatch.setattr(train.input_pipeline, "make_global_batch", make_global_batch)
-  train.run(small_config(fake_dataset_dir), str(resumed))
+  train.run(small_config(fake_dataset_dir, **resume_overrides), str(resumed))
+  # config.json keeps the values training started with; a changed resume is
+  # recorded beside it, named after the step it resumed from.
+  assert json.loads((resumed / "config.json").read_text())["input"]["worker_count"] == 0
+  assert (resumed / "config.3.json").exists() == bool(resume_overrides)
 
   step_a, params_a = _final_params(straight)
   step_b, params_b = _final_params(resumed)
@@ -233,12 +240,16 @@ def test_checkpoint_of_another_config_names_the_mismatch(fake_dataset_dir, tmp_p
   config = small_config(fake_dataset_dir, num_train_steps=3)
   config.evals = {}
   train.run(config, str(tmp_path))
+  saved_config = (tmp_path / "config.json").read_text()
   config.model.representation_size = 32
   config.mrl.nesting_dims = [4, 8, 32]
   with pytest.raises(ValueError, match=r"params/head/linears/2/kernel has shape \(16, 4\) "
                      r"in the checkpoint but \(32, 4\)"):
     train.run(config, str(tmp_path))
   assert (tmp_path / "checkpoints" / "3").exists()  # never removed
+  # The config the error points to is still the one the checkpoint was trained with.
+  assert (tmp_path / "config.json").read_text() == saved_config
+  assert sorted(p.name for p in tmp_path.glob("config*.json")) == ["config.json"]
 
 
 def test_restore_onto_another_mesh_is_exact(fake_dataset_dir, tmp_path):

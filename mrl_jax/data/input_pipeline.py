@@ -26,6 +26,7 @@ import math
 from typing import Any, Iterator
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -318,22 +319,112 @@ def create_train_loader(
           )
       )
   )
-  worker_count = config.input.get('worker_count', 0)
-  read_threads = config.input.get('read_threads', 0)
-  # Decoding and augmentation are mostly GIL-bound Python, so threads mostly
-  # contend; scale with worker_count (processes) instead, and raise
-  # read_threads only for high-latency storage.
-  batches = dataset.to_iter_dataset(
-      grain.ReadOptions(
-          num_threads=read_threads, prefetch_buffer_size=2 * read_threads
-      )
+  return TrainBatches(
+      dataset,
+      worker_count=config.input.get('worker_count', 0),
+      read_threads=config.input.get('read_threads', 0),
   )
-  if worker_count:
-    _allow_grain_workers()
-    batches = batches.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count)
+
+
+class TrainBatches(grain.IterDataset):
+  """The train batches (a random-access Grain `MapDataset`), read in order.
+
+  Its iterator's state is a position in the batch sequence, not Grain's own
+  per-worker state, so a run resumes exactly under any `worker_count` /
+  `read_threads`: the sequence is a pure function of (seed, position).
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, worker_count: int,
+               read_threads: int):
+    super().__init__()
+    self.batches = batches
+    self.worker_count, self.read_threads = worker_count, read_threads
+
+  def __iter__(self) -> 'TrainIterator':
+    return TrainIterator(self)
+
+  def pipeline(self, start: int) -> grain.IterDataset:
+    """Batches from position `start` on, decoded by the configured workers."""
+    # Decoding and augmentation are mostly GIL-bound Python, so threads mostly
+    # contend; scale with worker_count (processes) instead, and raise
+    # read_threads only for high-latency storage.
+    batches = self.batches[start:].to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=self.read_threads,
+            prefetch_buffer_size=2 * self.read_threads,
+        )
     )
-  return batches
+    if self.worker_count:
+      _allow_grain_workers()
+      batches = batches.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self.worker_count)
+      )
+    return batches
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Iterates `TrainBatches`; the state is {'position', 'worker_count', 'read_threads'}."""
+
+  def __init__(self, dataset: TrainBatches):
+    super().__init__()
+    self._dataset = dataset
+    self._position = 0
+    self._it = iter(dataset.pipeline(0))
+
+  def __next__(self) -> Batch:
+    batch = next(self._it)
+    self._position += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(
+        position=self._position,
+        worker_count=self._dataset.worker_count,
+        read_threads=self._dataset.read_threads,
+    )
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    position = _grain_position(state)
+    layout = (state.get('worker_count'), state.get('read_threads'))
+    if layout != (None, None) and layout != (
+        self._dataset.worker_count,
+        self._dataset.read_threads,
+    ):
+      logging.info(
+          'The input pipeline was saved with worker_count=%s, read_threads=%s and'
+          ' now has worker_count=%d, read_threads=%d: it restarts at batch %d,'
+          ' the batch an uninterrupted run would read next.',
+          *layout,
+          self._dataset.worker_count,
+          self._dataset.read_threads,
+          position,
+      )
+    self._position = position
+    self._it = iter(self._dataset.pipeline(position))
+
+  def start_prefetch(self) -> None:
+    start = getattr(self._it, 'start_prefetch', None)
+    if start is not None:
+      start()
+
+
+def _grain_position(state: dict[str, Any]) -> int:
+  """The batch position in a saved iterator state, ours or (older checkpoints) Grain's.
+
+  Grain's in-process iterator counts `next_index`; its worker pool
+  (`mp_prefetch`) interleaves workers round-robin, each reading every W-th
+  batch, so the batches read are the sum of the workers' counts.
+  """
+  if 'position' in state:
+    return int(state['position'])
+  if 'next_index' in state:
+    return int(state['next_index'])
+  if 'iterators_in_use_states' in state:
+    return sum(int(s['next_index']) for s in state['iterators_in_use_states'])
+  raise ValueError(
+      f'Unrecognised input pipeline state (keys {sorted(state)}); it was not'
+      ' written by this trainer.'
+  )
 
 
 class _ReadAndAugment(grain.transforms.RandomMap):
