@@ -24,8 +24,12 @@ What is never lost:
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pathlib
 import re
+import shutil
 from typing import Any
 
 from absl import logging
@@ -48,6 +52,10 @@ class CorruptCheckpoint(Exception):
 
 class RestoreError(RuntimeError):
   """A checkpoint could not be restored for a reason other than its bytes."""
+
+
+class ConfigMismatch(ValueError):
+  """A checkpoint reads fine but holds another model (or nesting) than the config's."""
 
 
 def abstract_like(tree: Any) -> Any:
@@ -139,6 +147,10 @@ _CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND
 _OTHER_CODES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
                 "ABORTED", "CANCELLED", "UNAUTHENTICATED", "UNIMPLEMENTED")
 _CODE = re.compile(r"\b(" + "|".join(_CORRUPT_CODES + _OTHER_CODES) + r")\b")
+# ... and what TensorStore and its codecs say about bad bytes without a code.
+_CORRUPT_MESSAGE = re.compile(
+    r"data corruption|corrupt|error decoding|checksum|decompress\w* failed|"
+    r"unexpected end of (data|file|input|stream)|truncated|invalid (magic|header)", re.I)
 
 
 def _chain(error: BaseException):
@@ -154,7 +166,8 @@ def is_corruption(error: BaseException) -> bool:
 
   Yes: a fingerprint mismatch or non-finite values (`CorruptCheckpoint`),
   unparsable metadata, a missing file, or a storage error saying so
-  (TensorStore's DATA_LOSS, OUT_OF_RANGE, FAILED_PRECONDITION, NOT_FOUND).
+  (TensorStore's DATA_LOSS, OUT_OF_RANGE, FAILED_PRECONDITION, NOT_FOUND, or a
+  codec's "data corruption", "error decoding", "checksum" ...).
   No: everything else, e.g. permissions, I/O, memory, threads, or an input
   pipeline whose state does not fit the saved one.
   """
@@ -167,18 +180,48 @@ def is_corruption(error: BaseException) -> bool:
   if any(isinstance(e, (CorruptCheckpoint, json.JSONDecodeError, UnicodeDecodeError,
                         FileNotFoundError)) for e in errors):
     return True
-  return bool(codes & set(_CORRUPT_CODES))
+  return bool(codes & set(_CORRUPT_CODES)) or any(
+      _CORRUPT_MESSAGE.search(str(e)) for e in errors)
+
+
+_OK, _CORRUPT, _ERROR, _MISMATCH = 0, 1, 2, 3  # the most severe code wins
 
 
 def _agree(code: int) -> int:
-  """The largest code over all processes (one collective; 0 = ok, 1 = corrupt, 2 = error)."""
+  """The largest code over all processes (one collective)."""
   if jax.process_count() == 1:
     return code
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(np.max(multihost_utils.process_allgather(np.int32(code))))
 
 
-_OK, _CORRUPT, _ERROR = 0, 1, 2
+def _attempt(fn) -> tuple[int, Any, BaseException | None]:
+  """(code, fn's value, the error) with this process's verdict on `fn()`'s failure."""
+  try:
+    return _OK, fn(), None
+  except ConfigMismatch as e:
+    return _MISMATCH, None, e
+  except Exception as e:  # pylint: disable=broad-except
+    return (_CORRUPT if is_corruption(e) else _ERROR), None, e
+
+
+def _guarded(handler):
+  """`handler`, whose restore keeps its exception (`handler.failure`) instead of raising.
+
+  Orbax ends every restore with a barrier across processes. A handler that
+  raised on one process only would skip it and leave the others waiting (or
+  pair their next collective with the wrong one), so the error is raised by
+  `Checkpointer._read` after the barrier, and all processes decide together.
+  """
+  def restore(*args, **kwargs):
+    try:
+      return type(handler).restore(handler, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      handler.failure = e
+      return None
+  handler.failure = None
+  handler.restore = restore
+  return handler
 
 
 class Checkpointer:
@@ -189,6 +232,11 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(directory)
     self.read_only = read_only
+    self._handlers = {
+        "state": _guarded(ocp.StandardCheckpointHandler()),
+        "data": _guarded(grain.checkpoint.CheckpointHandler()),
+        "fingerprint": _guarded(ocp.JsonCheckpointHandler()),
+    }
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -198,11 +246,7 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         ),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-            "fingerprint": ocp.JsonCheckpointHandler(),
-        },
+        item_handlers=self._handlers,
     )
     self._partial_reader = None
 
@@ -219,6 +263,7 @@ class Checkpointer:
     prints, finite = summary(state)
     if not finite:
       raise NonFiniteState(f"the train state of step {step} has NaN or Inf values")
+    self._check_space(step, state)
     items = {"state": ocp.args.StandardSave(state), "fingerprint": ocp.args.JsonSave(prints)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -226,6 +271,27 @@ class Checkpointer:
     if saved:
       logging.info("Saving checkpoint for step %d in %s", step, self.directory)
     return saved
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Raises ENOSPC before a save that cannot fit on a local disk.
+
+    A save that runs out of space midway fails in Orbax's writer threads, one
+    logged traceback per array, before the error reaches the loop; checking
+    first stops cleanly with one message. All processes decide together.
+    """
+    # The arrays, plus metadata, iterator states and file-system blocks.
+    needed = int(1.1 * sum(int(x.nbytes) for x in jax.tree.leaves(state))) + 2**20
+    free = None
+    if "://" not in str(self.directory):
+      self._manager.wait_until_finished()  # the previous save's files count (Orbax waits too)
+      path = pathlib.Path(self.directory)
+      while not path.exists():
+        path = path.parent
+      free = shutil.disk_usage(path).free
+    if _agree(int(free is not None and free < needed)):
+      raise OSError(errno.ENOSPC, f"No space left on device for the checkpoint of step "
+                    f"{step}: it needs {needed / 2**20:.1f} MiB, {self.directory} has "
+                    f"{(free or 0) / 2**20:.1f} MiB free")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None, *,
               partial: bool = False) -> Any:
@@ -236,38 +302,54 @@ class Checkpointer:
     params and model state, no optimizer state) and only those are read.
     Raises `CorruptCheckpoint` when the restored values are not those saved.
     """
+    state = self._read(step, abstract_state, data_iterator, partial=partial)
+    self._verify(step, state)
+    return state
+
+  def _read(self, step: int, abstract_state: Any, data_iterator: Any = None, *,
+            partial: bool = False) -> Any:
     if partial:
-      restored = self._reader().restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              item=abstract_state, partial_restore=True,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))))
-      state = restored["state"]
+      manager, handlers = self._reader()
+      items = {"state": ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     else:
+      manager, handlers = self._manager, self._handlers
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-      state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    self._verify(step, state)
-    logging.info("Restored %s of step %d from %s",
-                 "/".join(abstract_state) if partial else "the checkpoint", step,
-                 self.directory)
-    return state
+    for name in items:
+      handlers[name].failure = None
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    for name in items:  # raised now: past Orbax's barrier on every process
+      if handlers[name].failure is not None:
+        raise handlers[name].failure
+    return restored["state"]
 
   def _verify(self, step: int, state: Any) -> None:
-    prints, finite = summary(state)
+    prints, finite = summary(state)  # a collective: every process gets here
+    saved = None
+    if (self.directory / str(step) / "fingerprint").exists():
+      saved = self._read_fingerprints(step)
     if not finite:
       raise CorruptCheckpoint(f"step {step} restored NaN or Inf values, which are never saved")
-    path = self.directory / str(step) / "fingerprint"
-    if not path.exists():  # written by a version without fingerprints
+    if saved is None:  # written by a version without fingerprints
       logging.warning("Checkpoint of step %d has no fingerprints; not verified.", step)
       return
-    saved = self._manager.restore(step, args=ocp.args.Composite(
-        fingerprint=ocp.args.JsonRestore()))["fingerprint"]
     bad = sorted(p for p, fp in prints.items() if p in saved and saved[p] != fp)
     if bad:
       raise CorruptCheckpoint(
           f"step {step}: {len(bad)} restored array(s) differ from what was saved "
           f"(fingerprint mismatch; first: {bad[0]})")
+
+  def _read_fingerprints(self, step: int) -> dict[str, list[int]]:
+    handler = self._handlers["fingerprint"]
+    handler.failure = None
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+    if handler.failure is not None:
+      raise handler.failure
+    return saved
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any = None, *,
                      partial: bool = False) -> tuple[int | None, Any]:
@@ -275,33 +357,42 @@ class Checkpointer:
 
     A step whose bytes are bad (`is_corruption`) is set aside as
     `STEP.corrupt` with a warning (a read-only checkpointer only skips it)
-    and the previous one is tried; all processes agree first. Any other
-    failure raises `RestoreError` with the step untouched. A checkpoint that
-    reads fine but does not match `abstract_state` (another model or nesting
-    config) is a `ValueError`. When every remaining step is corrupt, this
-    refuses (`CorruptCheckpoint`) instead of starting over. `partial` as in
-    `restore`.
+    and the previous one is tried. Any other failure raises `RestoreError`
+    with the step untouched. A checkpoint that reads fine but does not
+    match `abstract_state` (another model or nesting config) is a
+    `ConfigMismatch`. When every remaining step is corrupt, this refuses
+    (`CorruptCheckpoint`) instead of starting over. Each stage (metadata,
+    read, verification) ends with one collective in which all processes
+    agree on the outcome, so every host resumes from the same step even
+    when only one of them reads a step wrong. `partial` as in `restore`.
     """
+    self._warn_dangling()
     steps = sorted(self.all_steps(), reverse=True)
     for i, step in enumerate(steps):
-      code, state, error = _OK, None, None
-      try:
-        saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree)
-        if partial:  # compare the entries asked for only
-          saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
-        self._check_compatible(step, saved, abstract_state)
-        state = self.restore(step, abstract_state, data_iterator, partial=partial)
-      except ValueError as e:
-        if not is_corruption(e):  # a config mismatch: the same on every process
-          raise
-        code, error = _CORRUPT, e
-      except Exception as e:  # pylint: disable=broad-except
-        code, error = (_CORRUPT if is_corruption(e) else _ERROR), e
-      agreed = _agree(code)
-      if agreed == _OK:
+      state = None
+      stages = (
+          lambda: self._check_metadata(step, abstract_state, partial),
+          lambda: self._read(step, abstract_state, data_iterator, partial=partial),
+          lambda: self._verify(step, state),
+      )
+      for stage in stages:
+        code, value, error = _attempt(stage)
+        agreed = _agree(code)
+        if agreed != _OK:
+          break
+        state = state if value is None else value
+      else:
+        logging.info("Restored %s of step %d from %s",
+                     "/".join(abstract_state) if partial else "the checkpoint", step,
+                     self.directory)
         return step, state
+      if agreed == _MISMATCH:
+        raise error if code == _MISMATCH else ConfigMismatch(
+            f"Another process found that the checkpoint of step {step} in "
+            f"{self.directory} does not match the config (see its log).")
       if agreed == _ERROR:
-        raise RestoreError(self._error_message(step, error)) from error
+        raise RestoreError(self._error_message(step, error if code == _ERROR else None)
+                           ) from error
       reason = _first_line(error) if error is not None else "another process found it corrupt"
       if i == len(steps) - 1:
         raise CorruptCheckpoint(
@@ -311,6 +402,20 @@ class Checkpointer:
             "a new --workdir) to train from scratch.") from error
       self._set_aside(step, reason)
     return None, None
+
+  def _warn_dangling(self) -> None:
+    if "://" in str(self.directory) or not self.directory.exists():
+      return
+    for entry in pathlib.Path(self.directory).iterdir():
+      if entry.is_symlink() and not entry.exists():
+        logging.warning("%s is a symlink to %s, which does not exist; it is not a "
+                        "checkpoint and is ignored.", entry, os.readlink(entry))
+
+  def _check_metadata(self, step: int, abstract_state: Any, partial: bool) -> None:
+    saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree)
+    if partial:  # compare the entries asked for only
+      saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
+    self._check_compatible(step, saved, abstract_state)
 
   def _error_message(self, step: int, error: BaseException | None) -> str:
     what = ("another process failed to read it" if error is None
@@ -331,17 +436,17 @@ class Checkpointer:
            f"({self.directory.parent / 'config.json'}), or use a new --workdir.")
     for path in order:
       if path not in saved:
-        raise ValueError(
+        raise ConfigMismatch(
             f"The checkpoint of step {step} in {self.directory} does not match the "
             f"config: it has no {path} (shape {wanted[path]} under this config). {fix}")
       if tuple(saved[path]) != tuple(wanted[path]):
-        raise ValueError(
+        raise ConfigMismatch(
             f"The checkpoint of step {step} in {self.directory} does not match the "
             f"config: {path} has shape {tuple(saved[path])} in the checkpoint but "
             f"{tuple(wanted[path])} under this config. {fix}")
     extra = sorted(set(saved) - set(wanted))
     if extra:
-      raise ValueError(
+      raise ConfigMismatch(
           f"The checkpoint of step {step} in {self.directory} does not match the "
           f"config: it has {extra[0]} (shape {tuple(saved[extra[0]])}), which this "
           f"config's model does not. {fix}")
@@ -366,15 +471,16 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._manager.reload()
     if self._partial_reader is not None:
-      self._partial_reader.reload()
+      self._partial_reader[0].reload()
 
-  def _reader(self) -> ocp.CheckpointManager:
+  def _reader(self) -> tuple[ocp.CheckpointManager, dict[str, Any]]:
     # Partial restores need the PyTree handler's `partial_restore`; it reads
     # what the standard handler wrote.
     if self._partial_reader is None:
-      self._partial_reader = ocp.CheckpointManager(
+      handlers = {"state": _guarded(ocp.PyTreeCheckpointHandler())}
+      self._partial_reader = (ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-          item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+          item_handlers=handlers), handlers)
     return self._partial_reader
 
   def wait_until_finished(self):
@@ -383,7 +489,7 @@ class Checkpointer:
   def close(self):
     self._manager.close()
     if self._partial_reader is not None:
-      self._partial_reader.close()
+      self._partial_reader[0].close()
 
 
 def _first_line(error: BaseException) -> str:

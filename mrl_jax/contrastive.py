@@ -487,7 +487,7 @@ def _check(x, y, nesting_dims, weights, kind, temperature, bias,
         'the same shape and B >= 1 (row i of x pairs with row i of y); '
         'project both towers to the same representation size.')
   dims, weights = prefix.validate_nesting(nesting_dims, weights,
-                                              x_shape[1])
+                                              x_shape[1], caller='contrastive')
   n = len(dims)
   _check_per_prefix('temperature', temperature, n, positive=True,
                     hint='e.g. 0.07 (CLIP init) or 0.1 (SigLIP, t = 10)')

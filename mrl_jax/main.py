@@ -22,6 +22,7 @@ that died without releasing it.
 Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I.
 """
+import ast
 import glob
 import importlib.util
 import logging as std_logging
@@ -118,15 +119,67 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
 
-  from mrl_jax import train  # pylint: disable=g-import-not-at-top
-  if _MODE.value == "train":
-    train.run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
-  elif _MODE.value == "eval":
-    train.run_eval(_CONFIG.value, _WORKDIR.value)
-  else:
-    from mrl_jax import export  # pylint: disable=g-import-not-at-top
-    export.run_embed(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value, dim=_EMBED_DIM.value,
-                     normalize=_NORMALIZE.value, shard_size=_SHARD_SIZE.value)
+  # pylint: disable=g-import-not-at-top
+  from mrl_jax import checkpoint
+  from mrl_jax import train
+  from mrl_jax import workdir
+  # pylint: enable=g-import-not-at-top
+  try:
+    if _MODE.value == "train":
+      train.run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
+    elif _MODE.value == "eval":
+      train.run_eval(_CONFIG.value, _WORKDIR.value)
+    else:
+      from mrl_jax import export  # pylint: disable=g-import-not-at-top
+      export.run_embed(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
+                       dim=_EMBED_DIM.value, normalize=_NORMALIZE.value,
+                       shard_size=_SHARD_SIZE.value)
+  # Bad configs and workdirs, refused resumes, divergence, a full disk: each
+  # message says what is wrong and what to do, so it is printed alone (the
+  # traceback too with --verbosity=1).
+  except (ValueError, FloatingPointError, workdir.WorkdirLocked, workdir.DiskFull,
+          checkpoint.RestoreError, checkpoint.CorruptCheckpoint) as e:
+    logging.debug("Traceback of the error below:", exc_info=e)
+    raise SystemExit(f"error: {e}") from None
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a bad --config file or --config.FIELD override as one line."""
+  path = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or [""])[-1]
+  overrides = [a for a in argv if a.startswith("--config.")]
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a file that failed to load raises on first use
+  except flags.Error as e:
+    raise SystemExit(f"error: {e}\nPass --help for the flags.") from None
+  except (KeyError, AttributeError) as e:
+    if not overrides:
+      raise
+    raise SystemExit(f"error: bad config override ({' '.join(overrides)}): "
+                     f"{_unquoted(e)}") from None
+  except Exception as e:  # pylint: disable=broad-except  (the file: absent or broken)
+    file = path.split(":")[0]
+    reason = (f"no such file: {os.path.abspath(file)}" if not os.path.exists(file)
+              else _last_line(e.__cause__ or e))
+    raise SystemExit(f"error: could not load --config={path} ({reason})") from None
+  return rest
+
+
+def _unquoted(error: BaseException) -> str:
+  """ml_collections' KeyError as "no field 'x'. Did you mean ...", without its quoting."""
+  text = str(error)
+  while text[:1] in ("'", '"'):
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  field, _, hint = text.partition("\n")
+  return f"the config has no field '{field.strip(chr(39))}'" + (f". {hint}" if hint else "")
+
+
+def _last_line(error: BaseException) -> str:
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def _compile():
@@ -142,4 +195,4 @@ def _compile():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -228,7 +228,7 @@ def softmax_ce(logits_per_dim, labels, weights=None,
   weights = jnp.asarray(weights, jnp.float32)
   if weights.shape != per_dim.shape:
     raise ValueError(
-        f'softmax_ce: {weights.shape[0] if weights.ndim else "scalar"} '
-        f'weights for {per_dim.shape[0]} dims of logits; give one weight per '
-        'dim (config.mrl.weights).')
+        f'softmax_ce: weights has shape {weights.shape} for '
+        f'{per_dim.shape[0]} dims of logits; give one weight per dim (a list '
+        'or a 1-d array).')
   return jnp.sum(weights * per_dim)

@@ -54,24 +54,34 @@ def validate_nesting(
     nesting_dims: Sequence[int],
     weights: Sequence[float] | None,
     representation_size: int,
+    *,
+    caller: str | None = None,
 ) -> tuple[list[int], list[float]]:
   """Checks the nesting config; returns (dims, weights) as plain lists.
 
-  Raises ValueError naming the config field, the value and the fix, so a bad
-  config fails before any compute is spent. `weights` defaults to all 1.0.
+  Raises ValueError naming the field, the value and the fix, so a bad config
+  fails before any compute is spent: the config's fields by default, or, for
+  a library function `caller`, its own arguments (`caller: weights=...`).
+  Lists, tuples and NumPy / JAX arrays are accepted. `weights` defaults to
+  all 1.0; all zero is refused (the loss would be 0 whatever the model).
   """
   d = representation_size
+  if caller is None:
+    size_field, dims_name, weights_name = (
+        'config.model.representation_size', 'config.mrl.nesting_dims', 'config.mrl.weights')
+  else:
+    size_field, dims_name, weights_name = (
+        f'{caller}: the feature size', f'{caller}: nesting_dims', 'weights')
   if not is_int(d) or d <= 0:
-    raise ValueError(
-        f'config.model.representation_size={d!r} must be a positive int.')
+    raise ValueError(f'{size_field}={d!r} must be a positive int.')
   example = _nesting_example(d)
   # Arrays are fine too; judge them by their elements.
-  if isinstance(nesting_dims, np.ndarray):
-    nesting_dims = nesting_dims.tolist()
-  if isinstance(weights, np.ndarray):
-    weights = weights.tolist()
+  if hasattr(nesting_dims, '__array__') and not isinstance(nesting_dims, Sequence):
+    nesting_dims = np.asarray(nesting_dims).tolist()
+  if hasattr(weights, '__array__') and not isinstance(weights, Sequence):
+    weights = np.asarray(weights).tolist()
 
-  dims_field = f'config.mrl.nesting_dims={show(nesting_dims)}'
+  dims_field = f'{dims_name}={show(nesting_dims)}'
   if (nesting_dims is None or isinstance(nesting_dims, (str, bytes))
       or not isinstance(nesting_dims, Sequence) or not nesting_dims):
     raise ValueError(
@@ -94,13 +104,15 @@ def validate_nesting(
           f'list each dim once in ascending order, e.g. {example}.')
   if dims[-1] != d:
     raise ValueError(
-        f'{dims_field} must end at config.model.representation_size={d} '
+        f'{dims_field} must end at {size_field}={d} '
         f'(the full embedding), but ends at {dims[-1]}; set the last dim to '
         f'{d} or change the representation size, e.g. {example}.')
 
   if weights is None:
     return dims, [1.0] * len(dims)
-  weights_field = f'config.mrl.weights={show(weights)}'
+  weights_field = f'{weights_name}={show(weights)}'
+  if caller is not None and not weights_field.startswith(caller):
+    weights_field = f'{caller}: {weights_field}'
   if (isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence)
       or len(weights) != len(dims)):
     n = len(weights) if isinstance(weights, Sequence) else 'not a list'
@@ -115,6 +127,10 @@ def validate_nesting(
           f'{weights_field} contains {c!r}; every weight must be a finite '
           'number >= 0 (e.g. 1.0 for all, or 2.0 first to favour the '
           'smallest dim).')
+  if not any(weights):
+    raise ValueError(
+        f'{weights_field} are all zero: the loss would be 0 whatever the '
+        'model does; give a positive weight to at least one dim (e.g. all 1.0).')
   return dims, [float(c) for c in weights]
 
 

@@ -77,6 +77,7 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
         f"config.batch_size={config.batch_size} into microbatches divisible by the "
         f"{shards} data shards (batch_size % (grad_accum_steps * {shards}) == 0); "
         "e.g. --config.grad_accum_steps=1.")
+  check_optimizer(config)
   info = dataset or prepare.check_config(config)
   models.check_variant(config)
   facts = dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
@@ -86,6 +87,47 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
     facts["vocab_size"] = vocab_size or input_pipeline.load_tokenizer(config).vocab_size
   evaluate.check_evals(config, facts)  # a bad eval config fails now, not after training
   return facts
+
+
+OPTIMIZERS = ("adamw", "sgd", "lamb", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_optimizer(config) -> None:
+  """config.optimizer: known names, a positive learning rate, sane coefficients."""
+  oc = config.optimizer
+
+  def bad(field, why, fix):
+    return ValueError(f"config.optimizer.{field}={oc.get(field)!r} {why}. Fix: {fix}.")
+
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+  if oc.get("name", "adamw") not in OPTIMIZERS:
+    raise bad("name", f"is not one of {', '.join(map(repr, OPTIMIZERS))}",
+              "e.g. --config.optimizer.name=adamw")
+  if oc.get("schedule", "cosine") not in SCHEDULES:
+    raise bad("schedule", f"is not one of {', '.join(map(repr, SCHEDULES))}",
+              "e.g. --config.optimizer.schedule=cosine")
+  lr = oc.get("learning_rate")
+  if not number(lr) or lr <= 0:
+    raise bad("learning_rate", "must be a positive number (a negative one climbs the loss)",
+              "e.g. --config.optimizer.learning_rate=1e-3")
+  for field in ("weight_decay", "final_lr_fraction"):
+    v = oc.get(field, 0.0)
+    if not number(v) or v < 0:
+      raise bad(field, "must be a number >= 0", f"e.g. --config.optimizer.{field}=0.0")
+  warmup = oc.get("warmup_steps", 0)
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+    raise bad("warmup_steps", "must be an int >= 0", "e.g. --config.optimizer.warmup_steps=0")
+  clip = oc.get("grad_clip_norm")
+  if clip is not None and (not number(clip) or clip <= 0):
+    raise bad("grad_clip_norm", "must be a positive number or None",
+              "e.g. --config.optimizer.grad_clip_norm=1.0")
+  for field in ("b1", "b2", "momentum"):
+    v = oc.get(field, 0.9)
+    if not number(v) or not 0 <= v < 1:
+      raise bad(field, "must be in [0, 1)", f"e.g. --config.optimizer.{field}=0.9")
 
 
 def num_train_steps(config, num_train_examples: int) -> int:
@@ -124,8 +166,7 @@ def build_schedule(config, total_steps: int) -> optax.Schedule:
         optax.linear_schedule(0.0, oc.learning_rate, max(warmup, 1)),
         optax.constant_schedule(oc.learning_rate)], [warmup])
   else:
-    raise ValueError(f"config.optimizer.schedule={oc.schedule!r} is not one of "
-                     "'cosine', 'linear', 'constant'.")
+    check_optimizer(config)  # raises
   return lr
 
 
@@ -145,8 +186,7 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   elif name == "adafactor":
     opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
   else:
-    raise ValueError(f"config.optimizer.name={name!r} is not one of "
-                     "'adamw', 'sgd', 'lamb', 'adafactor'.")
+    check_optimizer(config)  # raises
   if oc.get("grad_clip_norm"):
     opt = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), opt)
   return opt
@@ -215,7 +255,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     workdir_lib.prepare(workdir)
   with workdir_lib.Lease(workdir, force=force) as lease:
-    return _train(config, workdir, s, total_steps, lease)
+    try:
+      return _train(config, workdir, s, total_steps, lease)
+    except Exception as e:
+      if workdir_lib.is_disk_full(e):  # one error naming what survived, not a cascade
+        raise workdir_lib.disk_full(workdir, workdir / "checkpoints", e) from e
+      raise
 
 
 def _train(config, workdir: epath.Path, s: Setup, total_steps: int,

@@ -19,6 +19,7 @@ config history that keeps the original.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -264,3 +265,38 @@ def _changed(a: Any, b: Any, prefix: str = "") -> list[str]:
       out += _changed(a.get(key), b.get(key), f"{prefix}{key}.")
     return out
   return [] if a == b else [prefix.rstrip(".")]
+
+
+# ----------------------------------------------------------------------------
+# A full disk.
+# ----------------------------------------------------------------------------
+class DiskFull(RuntimeError):
+  """The workdir's storage ran out of space; the message names the last checkpoint."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or one it was raised from) is "No space left on device"."""
+  return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+             or "No space left on device" in str(e) for e in _errors(error))
+
+
+def disk_full(workdir: epath.Path, checkpoints: epath.Path, error: BaseException) -> DiskFull:
+  """The one error a run stops with when its storage is full: what survived, what to do."""
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if (
+      checkpoints.exists()) else []
+  state = (f"the last complete checkpoint is step {steps[-1]} in {checkpoints}" if steps
+           else "no checkpoint was completed")
+  detail = next((str(e.strerror or e) for e in _errors(error)
+                 if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+  return DiskFull(f"No space left on device writing to {workdir}"
+                  + (f" ({detail})" if detail and detail != "No space left on device" else "")
+                  + f"; stopped. {state[0].upper()}{state[1:]}. Fix: free space (or move "
+                  "the workdir to a larger disk) and re-run the same command to resume.")
+
+
+def _errors(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__

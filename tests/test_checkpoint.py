@@ -1,4 +1,11 @@
 """Checkpoint safety: corruption is identified, never assumed; nothing non-finite is saved."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,9 +63,9 @@ def test_errors_that_are_not_corruption_leave_the_checkpoint_alone(tmp_path, mon
   abstract = _saved(tmp_path)
   ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
 
-  def fail(*args, **kwargs):
+  def fail(*args, **kwargs):  # at the Orbax read boundary
     raise error
-  monkeypatch.setattr(ckpt, "restore", fail)
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "restore", fail)
   with pytest.raises(checkpoint.RestoreError, match=r"step 2 .* left untouched"):
     ckpt.restore_latest(abstract)
   ckpt.close()
@@ -97,3 +104,107 @@ def test_a_non_finite_state_is_never_saved(fake_dataset_dir, tmp_path):
     train.run(config, str(tmp_path))
   step, params = _final_params(tmp_path)  # the newest checkpoint left
   assert step >= 1 and all(np.isfinite(p).all() for p in params)
+
+
+_RESTORE_SCRIPT = """
+import json, sys
+from mrl_jax import checkpoint
+from tests.test_checkpoint import _state
+ckpt = checkpoint.Checkpointer(sys.argv[1], read_only=sys.argv[2] == "read_only")
+try:
+  step, _ = ckpt.restore_latest(checkpoint.abstract_like(_state()))
+  print(json.dumps(f"restored step {step}"))
+except checkpoint.RestoreError as e:
+  print(json.dumps(f"RestoreError: {e}"))
+"""
+
+
+@pytest.mark.parametrize("unreadable", ["one_array_file", "all_metadata"])
+@pytest.mark.parametrize("mode", ["train", "read_only"])
+def test_unreadable_files_are_not_corruption(tmp_path, unreadable, mode):
+  """Real permission errors (files chmod 000, read without root's override)."""
+  if os.geteuid() == 0 and not shutil.which("setpriv"):
+    pytest.skip("running as root and setpriv (util-linux) is absent: chmod is not enforced")
+  _saved(tmp_path)
+  if unreadable == "one_array_file":
+    files = [max((f for f in (tmp_path / "2" / "state").rglob("*") if f.is_file()),
+                 key=lambda f: f.stat().st_size)]
+  else:
+    files = list(tmp_path.glob("*/state/_METADATA"))
+  for f in files:
+    f.chmod(0)
+  drop = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+          if os.geteuid() == 0 else [])
+  out = subprocess.run(drop + [sys.executable, "-c", _RESTORE_SCRIPT, str(tmp_path), mode],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).parent.parent, check=False)
+  for f in files:
+    f.chmod(0o644)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result.startswith("RestoreError: Could not restore the checkpoint of step 2"), result
+  assert "left untouched" in result
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_a_dangling_symlink_among_checkpoints_is_warned_about(tmp_path, caplog):
+  abstract = _saved(tmp_path)
+  (tmp_path / "3").symlink_to(tmp_path / "elsewhere" / "3")
+  ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+  step, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 2
+  assert f"{tmp_path / '3'} is a symlink to {tmp_path / 'elsewhere' / '3'}, which does " \
+         "not exist" in caplog.text
+
+
+def test_random_bytes_inside_an_array_file_of_a_train_checkpoint(fake_dataset_dir, tmp_path):
+  """4 KiB of random bytes in the middle of the largest file of step 6: the run
+  sets step 6 aside and resumes from step 3 instead of training on garbage."""
+  config = small_config(fake_dataset_dir)
+  config.evals = {}
+  train.run(config, str(tmp_path))  # checkpoints at steps 3 and 6
+  largest = max((f for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
+                 if f.is_file()), key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  assert len(data) > 3 * 4096
+  mid = len(data) // 2
+  data[mid:mid + 4096] = np.random.default_rng(0).bytes(4096)
+  largest.write_bytes(bytes(data))
+  config.num_train_steps = 9
+  train.run(config, str(tmp_path))
+  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert "6.corrupt" in names and "9" in names
+  log = train.MetricsLog.read(tmp_path / "metrics.jsonl")
+  assert [m["step"] for m in log][-4:] == [4, 6, 8, 9]  # resumed from step 3
+
+
+def test_a_save_that_cannot_fit_stops_with_one_error(fake_dataset_dir, tmp_path, monkeypatch):
+  config = small_config(fake_dataset_dir)
+  config.evals = {}
+  usage = shutil.disk_usage(tmp_path)
+  calls = {"n": 0}
+
+  def little_space_after_the_first_save(path):
+    calls["n"] += 1
+    return usage._replace(free=usage.free if calls["n"] == 1 else 1000)
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", little_space_after_the_first_save)
+  with pytest.raises(train.workdir_lib.DiskFull,
+                     match=r"^No space left on device writing to .* \(No space left on "
+                     r"device for the checkpoint of step 6: it needs .* MiB, .* has 0.0 MiB "
+                     r"free\); stopped. The last complete checkpoint is step 3 in "):
+    train.run(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+
+
+def test_disk_full_is_recognised_through_orbax_errors():
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": '
+                           '[OS error 28: No space left on device]')
+  try:
+    try:
+      raise tensorstore
+    except ValueError as e:
+      raise RuntimeError("Save Finalize thread (save_finalize) failed.") from e
+  except RuntimeError as e:
+    assert train.workdir_lib.is_disk_full(e)
+  assert not train.workdir_lib.is_disk_full(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))

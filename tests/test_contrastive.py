@@ -350,9 +350,10 @@ def test_bf16_inputs_use_float32_math():
     (dict(kind='clip'), "kind='clip'"),
     (dict(y=np.ones((B, D + 1), np.float32)), r'\(8, 33\)'),
     (dict(x=np.ones((B, D, 1), np.float32)), r'\(8, 32, 1\)'),
-    (dict(nesting_dims=[8, 16]), 'config.mrl.nesting_dims=\\[8, 16\\]'),
+    (dict(nesting_dims=[8, 16]), 'contrastive: nesting_dims=\\[8, 16\\]'),
     (dict(nesting_dims=[16, 8, 32]), 'strictly increasing'),
-    (dict(weights=[1.0, 1.0]), 'config.mrl.weights'),
+    (dict(weights=[1.0, 1.0]), r'contrastive: weights=\[1.0, 1.0\] \(length 2\)'),
+    (dict(weights=np.zeros(3)), r'contrastive: weights=\[0.0, 0.0, 0.0\] are all zero'),
     (dict(temperature=0.0), 'temperature=0.0'),
     (dict(temperature=-0.07), 'temperature=-0.07'),
     (dict(temperature=[0.07, 0.07]), r'temperature has shape \(2,\)'),
@@ -383,3 +384,12 @@ def test_bad_input(overrides, match):
     args.pop('weights')
     with pytest.raises(ValueError, match=match):
       mrl.contrastive_per_dim(**args)
+
+
+@pytest.mark.parametrize('weights', [[1.0, 2.0, 0.5], (1.0, 2.0, 0.5),
+                                     np.array([1.0, 2.0, 0.5]), jnp.array([1.0, 2.0, 0.5])])
+def test_weights_as_lists_tuples_and_arrays(weights):
+  x, y = _pair(3)
+  want = np.dot([1.0, 2.0, 0.5], mrl.contrastive_per_dim(x, y, DIMS, temperature=0.07))
+  got = mrl.contrastive(x, y, DIMS, weights, temperature=0.07)
+  np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -1,7 +1,16 @@
-"""The CLI's backend choice: the CPU where nothing else can be found."""
+"""The CLI: its backend choice (the CPU where nothing else can be found), and
+user mistakes as one line each, with no traceback."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
+import pytest
 
 from mrl_jax import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _calls(monkeypatch, tmp_path, *, vendor=None, gpu_plugin=False, env=None):
@@ -30,3 +39,27 @@ def test_accelerators_and_explicit_platforms_are_left_alone(monkeypatch, tmp_pat
   assert _calls(monkeypatch, tmp_path, vendor="0x1ae0") == []  # a TPU is attached
   assert _calls(monkeypatch, tmp_path, gpu_plugin=True) == []
   assert _calls(monkeypatch, tmp_path, env={"JAX_PLATFORMS": "tpu"}) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.modle.variant=Ti/16"], "error: bad config override (--config.modle.variant="
+     "Ti/16): the config has no field 'modle'. Did you mean \"model\" instead of \"modle\"?"),
+    (["--config=configs/no_such.py"],
+     f"error: could not load --config=configs/no_such.py (no such file: "
+     f"{REPO / 'configs' / 'no_such.py'})"),
+    (["--workdir={tmp}/a_file"], "error: --workdir={tmp}/a_file is a file, not a directory."),
+    (["--config.optimizer.learning_rate=-0.001"],
+     "error: config.optimizer.learning_rate=-0.001 must be a positive number"),
+], ids=["unknown_field", "missing_config_file", "workdir_is_a_file", "negative_lr"])
+def test_user_mistakes_are_one_line(fake_dataset_dir, tmp_path, args, message):
+  (tmp_path / "a_file").write_text("")
+  argv = [f"--config={REPO / 'tests' / 'tiny_config.py'}:{fake_dataset_dir}",
+          f"--workdir={tmp_path / 'run'}"] + [a.format(tmp=tmp_path) for a in args]
+  out = subprocess.run([sys.executable, "-m", "mrl_jax.main"] + argv, cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr, out.stderr[-4000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(message.format(tmp=tmp_path)), last
+  assert not (tmp_path / "run").exists()

@@ -70,6 +70,7 @@ def test_validate_nesting_good():
     ([8, 16], [1.0, math.inf], 16, 'config.mrl.weights', 'inf'),
     ([8, 16], [math.nan, 1.0], 16, 'config.mrl.weights', 'nan'),
     ([8, 16], ['1', 1.0], 16, 'config.mrl.weights', "'1'"),
+    ([8, 16], [0.0, 0.0], 16, 'config.mrl.weights', 'are all zero'),
     ([8, 16], None, 0, 'config.model.representation_size', '0'),
 ])
 def test_validate_nesting_bad(dims, weights, d, field, value):
@@ -219,7 +220,7 @@ def test_softmax_ce_list_input_and_bf16(ce_inputs):
 
 def test_softmax_ce_wrong_weight_count(ce_inputs):
   logits, labels, _ = ce_inputs
-  with pytest.raises(ValueError, match='config.mrl.weights'):
+  with pytest.raises(ValueError, match=r'softmax_ce: weights has shape \(2,\) for 4 dims'):
     mrl.softmax_ce(logits, labels, [1.0, 1.0])
 
 

@@ -5,6 +5,7 @@ SIGTERM to one host (both save at the agreed step and exit 0), a kill -9 of
 both hosts at an arbitrary step, and restarts. The losses of every step and
 the final parameters must equal one uninterrupted 1-process x 8-device run.
 """
+import json
 import os
 import pathlib
 import re
@@ -147,3 +148,29 @@ def test_evaluation_on_process_local_rows_matches_one_process(tmp_path):
   np.testing.assert_array_equal(got["gathered_embedding"], database)
   np.testing.assert_array_equal(got["gathered_logits"], np.arange(300 * 6).reshape(2, 300, 3))
   np.testing.assert_array_equal(got["summed"], [2, 1])
+
+
+@pytest.mark.parametrize("failure", ["corrupt", "error"])
+def test_processes_agree_when_only_one_finds_a_step_bad(tmp_path, failure):
+  """Process 1 alone finds step 2 corrupt (both resume from step 1, renamed once)
+  or fails to read it (both raise, nothing renamed)."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS.format(4))
+  directory, out = tmp_path / "checkpoints", tmp_path / "out.json"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_checkpoint", f"127.0.0.1:{port}", str(i),
+       str(directory), failure, str(out)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-3000:] for l in logs)
+  results = [json.loads(pathlib.Path(f"{out}.{i}").read_text()) for i in range(2)]
+  names = sorted(p.name for p in directory.iterdir())
+  if failure == "corrupt":
+    assert results == [{"step": 1, "equal": True}] * 2
+    assert names == ["1", "2.corrupt"]
+  else:
+    assert all(r["error"].startswith("Could not restore the checkpoint of step 2")
+               for r in results), results
+    assert "another process failed to read it" in results[0]["error"]
+    assert names == ["1", "2"]

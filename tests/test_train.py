@@ -189,12 +189,20 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(fake_dataset_dir, tmp_p
     ({"mesh.fsdp": 3}, "config.mesh"),
     ({"evals.knn.k": [500]}, "config.evals.knn.k"),  # > the 192 database rows
     ({"evals.knn.type": "nope"}, "config.evals.knn.type"),
+    ({"mrl.weights": [0.0, 0.0, 0.0]}, "config.mrl.weights"),
+    ({"optimizer.name": "adam"}, "config.optimizer.name"),
+    ({"optimizer.learning_rate": -1e-3}, "config.optimizer.learning_rate"),
+    ({"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate"),
+    ({"optimizer.schedule": "step"}, "config.optimizer.schedule"),
+    ({"optimizer.grad_clip_norm": -1.0}, "config.optimizer.grad_clip_norm"),
+    ({"optimizer.b2": 1.5}, "config.optimizer.b2"),
 ])
 def test_bad_config_fails_before_compute(fake_dataset_dir, tmp_path, override, field):
   config = small_config(fake_dataset_dir, **override)
+  workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-    train.run(config, str(tmp_path))
-  assert not (tmp_path / "checkpoints").exists()
+    train.run(config, str(workdir))
+  assert not workdir.exists()  # nothing written: no config.json, no lock, no checkpoint
 
 
 def test_gradient_accumulation_equals_one_big_batch(fake_dataset_dir, tmp_path):
