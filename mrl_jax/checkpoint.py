@@ -153,7 +153,8 @@ _CORRUPT_MESSAGE = re.compile(
     r"unexpected end of (data|file|input|stream)|truncated|invalid (magic|header)", re.I)
 
 
-def _chain(error: BaseException):
+def error_chain(error: BaseException):
+  """`error` and the errors it was raised from or during, innermost last."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -171,7 +172,7 @@ def is_corruption(error: BaseException) -> bool:
   No: everything else, e.g. permissions, I/O, memory, threads, or an input
   pipeline whose state does not fit the saved one.
   """
-  errors = list(_chain(error))
+  errors = list(error_chain(error))
   if any(isinstance(e, (PermissionError, MemoryError)) for e in errors):
     return False
   codes = {c for e in errors for c in _CODE.findall(str(e))}

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from mrl_jax import checkpoint
+
 
 class WorkdirLocked(RuntimeError):
   """Another run holds the workdir's lease."""
@@ -277,7 +279,8 @@ class DiskFull(RuntimeError):
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error` (or one it was raised from) is "No space left on device"."""
   return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
-             or "No space left on device" in str(e) for e in _errors(error))
+             or "No space left on device" in str(e)
+             for e in checkpoint.error_chain(error))
 
 
 def disk_full(workdir: epath.Path, checkpoints: epath.Path, error: BaseException) -> DiskFull:
@@ -286,17 +289,10 @@ def disk_full(workdir: epath.Path, checkpoints: epath.Path, error: BaseException
       checkpoints.exists()) else []
   state = (f"the last complete checkpoint is step {steps[-1]} in {checkpoints}" if steps
            else "no checkpoint was completed")
-  detail = next((str(e.strerror or e) for e in _errors(error)
+  detail = next((str(e.strerror or e) for e in checkpoint.error_chain(error)
                  if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
   return DiskFull(f"No space left on device writing to {workdir}"
                   + (f" ({detail})" if detail and detail != "No space left on device" else "")
                   + f"; stopped. {state[0].upper()}{state[1:]}. Fix: free space (or move "
                   "the workdir to a larger disk) and re-run the same command to resume.")
 
-
-def _errors(error: BaseException):
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__

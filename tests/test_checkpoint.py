@@ -110,41 +110,51 @@ _RESTORE_SCRIPT = """
 import json, sys
 from mrl_jax import checkpoint
 from tests.test_checkpoint import _state
-ckpt = checkpoint.Checkpointer(sys.argv[1], read_only=sys.argv[2] == "read_only")
-try:
-  step, _ = ckpt.restore_latest(checkpoint.abstract_like(_state()))
-  print(json.dumps(f"restored step {step}"))
-except checkpoint.RestoreError as e:
-  print(json.dumps(f"RestoreError: {e}"))
+results = {}
+for directory in sys.argv[1:]:
+  ckpt = checkpoint.Checkpointer(directory, read_only=directory.endswith("read_only"))
+  try:
+    step, _ = ckpt.restore_latest(checkpoint.abstract_like(_state()))
+    results[directory] = f"restored step {step}"
+  except checkpoint.RestoreError as e:
+    results[directory] = f"RestoreError: {e}"
+  ckpt.close()
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("unreadable", ["one_array_file", "all_metadata"])
-@pytest.mark.parametrize("mode", ["train", "read_only"])
-def test_unreadable_files_are_not_corruption(tmp_path, unreadable, mode):
-  """Real permission errors (files chmod 000, read without root's override)."""
+def test_unreadable_files_are_not_corruption(tmp_path):
+  """Real permission errors (files chmod 000, read without root's override) on one
+  array file or on every step's metadata, by a training and a read-only restore."""
   if os.geteuid() == 0 and not shutil.which("setpriv"):
     pytest.skip("running as root and setpriv (util-linux) is absent: chmod is not enforced")
-  _saved(tmp_path)
-  if unreadable == "one_array_file":
-    files = [max((f for f in (tmp_path / "2" / "state").rglob("*") if f.is_file()),
-                 key=lambda f: f.stat().st_size)]
-  else:
-    files = list(tmp_path.glob("*/state/_METADATA"))
-  for f in files:
+  directories, unreadable = [], []
+  for what in ("one_array_file", "all_metadata"):
+    for mode in ("train", "read_only"):
+      directory = tmp_path / f"{what}-{mode}"
+      _saved(directory)
+      if what == "one_array_file":
+        unreadable.append(max((f for f in (directory / "2" / "state").rglob("*")
+                               if f.is_file()), key=lambda f: f.stat().st_size))
+      else:
+        unreadable += directory.glob("*/state/_METADATA")
+      directories.append(directory)
+  for f in unreadable:
     f.chmod(0)
   drop = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
           if os.geteuid() == 0 else [])
-  out = subprocess.run(drop + [sys.executable, "-c", _RESTORE_SCRIPT, str(tmp_path), mode],
+  out = subprocess.run(drop + [sys.executable, "-c", _RESTORE_SCRIPT, *map(str, directories)],
                        capture_output=True, text=True, timeout=300,
                        cwd=pathlib.Path(__file__).parent.parent, check=False)
-  for f in files:
+  for f in unreadable:
     f.chmod(0o644)
   assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result.startswith("RestoreError: Could not restore the checkpoint of step 2"), result
-  assert "left untouched" in result
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  for directory in directories:
+    result = results[str(directory)]
+    assert result.startswith("RestoreError: Could not restore the checkpoint of step 2"), result
+    assert "left untouched" in result
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
 
 def test_a_dangling_symlink_among_checkpoints_is_warned_about(tmp_path, caplog):
