@@ -96,14 +96,27 @@ def test_read_only_restores_rename_nothing(tmp_path):
   assert step == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
-def test_a_non_finite_state_is_never_saved(fake_dataset_dir, tmp_path):
-  config = small_config(fake_dataset_dir, checkpoint_every_steps=1, num_train_steps=12)
-  config.optimizer.learning_rate = 1e6
+def test_a_non_finite_state_is_never_saved(fake_dataset_dir, tmp_path, monkeypatch):
+  """The update of step 4 overflows while its loss (computed before the update)
+  is finite: step 4 must not be saved, and the error names step 3."""
+  make_train_step = train.make_train_step
+
+  def overflowing_at_step_4(*args, **kwargs):
+    step_fn = make_train_step(*args, **kwargs)
+
+    def run(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state["step"]) == 4:
+        state = dict(state, params=jax.tree.map(lambda p: p * jnp.inf, state["params"]))
+      return state, metrics
+    return run
+  monkeypatch.setattr(train, "make_train_step", overflowing_at_step_4)
+  config = small_config(fake_dataset_dir, checkpoint_every_steps=1, num_train_steps=8)
   config.evals = {}
-  with pytest.raises(FloatingPointError, match=r"last good checkpoint is step"):
+  with pytest.raises(FloatingPointError, match=r"at step 4 .* last good checkpoint is step 3"):
     train.run(config, str(tmp_path))
   step, params = _final_params(tmp_path)  # the newest checkpoint left
-  assert step >= 1 and all(np.isfinite(p).all() for p in params)
+  assert step == 3 and all(np.isfinite(p).all() for p in params)
 
 
 _RESTORE_SCRIPT = """
