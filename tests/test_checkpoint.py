@@ -181,27 +181,6 @@ def test_a_dangling_symlink_among_checkpoints_is_warned_about(tmp_path, caplog):
          "not exist" in caplog.text
 
 
-def test_random_bytes_inside_an_array_file_of_a_train_checkpoint(fake_dataset_dir, tmp_path):
-  """4 KiB of random bytes in the middle of the largest file of step 6: the run
-  sets step 6 aside and resumes from step 3 instead of training on garbage."""
-  config = small_config(fake_dataset_dir)
-  config.evals = {}
-  train.run(config, str(tmp_path))  # checkpoints at steps 3 and 6
-  largest = max((f for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
-                 if f.is_file()), key=lambda f: f.stat().st_size)
-  data = bytearray(largest.read_bytes())
-  assert len(data) > 3 * 4096
-  mid = len(data) // 2
-  data[mid:mid + 4096] = np.random.default_rng(0).bytes(4096)
-  largest.write_bytes(bytes(data))
-  config.num_train_steps = 9
-  train.run(config, str(tmp_path))
-  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert "6.corrupt" in names and "9" in names
-  log = train.MetricsLog.read(tmp_path / "metrics.jsonl")
-  assert [m["step"] for m in log][-4:] == [4, 6, 8, 9]  # resumed from step 3
-
-
 def test_a_save_that_cannot_fit_stops_with_one_error(fake_dataset_dir, tmp_path, monkeypatch):
   config = small_config(fake_dataset_dir)
   config.evals = {}

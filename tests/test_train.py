@@ -230,12 +230,21 @@ def test_bad_grad_accum_steps(fake_dataset_dir, tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(fake_dataset_dir, tmp_path):
+  """4 KiB of random bytes in the middle of step 6's array files: the run sets
+  step 6 aside and resumes from step 3 instead of training on garbage."""
   config = small_config(fake_dataset_dir)
   config.evals = {}
   train.run(config, str(tmp_path))  # checkpoints at steps 3 and 6
-  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
+  # The data files of the merged database and of the per-process one it was
+  # merged from (a restore reads the first only).
+  files = [f for f in (tmp_path / "checkpoints" / "6" / "state").glob("**/d/*")
+           if f.stat().st_size > 3 * 4096]
+  assert files
+  for i, f in enumerate(files):
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = np.random.default_rng(i).bytes(4096)
+    f.write_bytes(bytes(data))
   config.num_train_steps = 9
   train.run(config, str(tmp_path))
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
