@@ -127,6 +127,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.num_epochs = -1
   config.num_train_steps = 200_000
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Multislice: how many slices each axis spans (data-center network between
+  # them); the rest of each axis lies inside a slice. -1: all the slices.
+  config.mesh_dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   config.sharding_rules = []
 
   config.log_every_steps = 100

@@ -77,6 +77,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.num_train_steps = -1
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Multislice: how many slices each axis spans (data-center network between
+  # them); the rest of each axis lies inside a slice. -1: all the slices.
+  config.mesh_dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500

@@ -90,6 +90,9 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   # Data parallel by default; for FSDP set e.g. --config.mesh.data=1
   # --config.mesh.fsdp=-1 (params and optimizer state split over all chips).
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Multislice: how many slices each axis spans (data-center network between
+  # them); the rest of each axis lies inside a slice. -1: all the slices.
+  config.mesh_dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Logical axis -> mesh axis, on top of mrl_jax.sharding.DEFAULT_RULES, e.g.
   # --config.sharding_rules='[("embed", "tensor")]'.
   config.sharding_rules = []

@@ -29,6 +29,7 @@ than the chip's HBM.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -297,6 +298,50 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
+def dcn_transfers(hlo_text: str) -> dict[str, int]:
+  """Collective pieces that cross slices (DCN), by kind, in compiled multislice HLO.
+
+  libtpu compiles a multislice program per slice: its collectives'
+  replica groups hold one slice's chips (ICI), and what crosses slices is a
+  host transfer to the multislice runtime whose attributes name the
+  collective (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ...). Each send is one
+  piece. Empty for a single slice.
+  """
+  kinds = re.findall(r"\ssend\([^\n]*_xla_megascale_transfer_type=\"(\w+)\"", hlo_text)
+  return dict(sorted(collections.Counter(kinds).items()))
+
+
+def replica_groups(hlo_text: str) -> list[tuple[str, list[list[int]]]]:
+  """(collective, its groups of device ids) for each collective in compiled HLO.
+
+  Reads both forms XLA prints: explicit `{{0,1},{2,3}}` and iota
+  `[2,2]<=[4]` / `[2,2]<=[2,2]T(1,0)` (arange over the dims, transposed,
+  reshaped to [groups, size]).
+  """
+  out = []
+  ops = "|".join(COLLECTIVES)
+  for line in hlo_text.splitlines():
+    op = re.search(rf"\s({ops})(?:-start)?\(", line)
+    found = re.search(r"replica_groups=(\{[\d,{}]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)",
+                      line)
+    if not (op and found):
+      continue
+    text = found.group(1)
+    if text.startswith("{"):
+      groups = [[int(i) for i in g.split(",") if i]
+                for g in re.findall(r"\{([\d,]*)\}", text[1:-1])]
+    else:
+      shape, dims, perm = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?",
+                                       text).groups()
+      ints = lambda t: [int(i) for i in t.split(",")]  # noqa: E731
+      ids = np.arange(math.prod(ints(dims))).reshape(ints(dims))
+      if perm:
+        ids = ids.transpose(ints(perm))
+      groups = ids.reshape(ints(shape)).tolist()
+    out.append((op.group(1), groups))
+  return out
+
+
 def _has_loops(hlo_text: str) -> bool:
   return re.search(r"\swhile\(", hlo_text) is not None
 
@@ -364,6 +409,7 @@ def measure(fn: Callable, args, mesh, chip: Chip) -> dict[str, Any]:
       "xla_flops": float(xla_flops),
       "xla_bytes_accessed": None if xla_bytes is None else float(xla_bytes),
       "collectives": count_collectives(hlo),
+      "dcn_transfers": dcn_transfers(hlo),
       "compile_seconds": round(seconds, 2),
   }
 
@@ -398,7 +444,8 @@ def _out_of_memory(message, fn, args, lowered, mesh, chip, seconds) -> dict[str,
       "peak_bytes": arg + out + temp, "fits": False, "flops_per_device": flops,
       "flops_method": "analytic", "bytes_accessed": None,
       "step_time_lower_bound_s": flops / chip.peak_bf16_flops, "mfu_ceiling": None,
-      "collectives": dict.fromkeys(COLLECTIVES, 0), "compile_seconds": round(seconds, 2),
+      "collectives": dict.fromkeys(COLLECTIVES, 0), "dcn_transfers": {},
+      "compile_seconds": round(seconds, 2),
       "compiler_error": message.strip().splitlines()[0],
   }
 
@@ -514,6 +561,9 @@ def format_report(report: dict[str, Any]) -> str:
            "bound ms", "MFU max", "collectives")]
   for name, p in report["programs"].items():
     coll = " ".join(f"{k}:{v}" for k, v in p["collectives"].items() if v) or "-"
+    if p.get("dcn_transfers"):
+      coll += " | across slices: " + " ".join(
+          f"{k.lower().replace('_', '-')}:{v}" for k, v in p["dcn_transfers"].items())
     rows.append((name, f"{p['argument_bytes'] / gb:.3f}", f"{p['output_bytes'] / gb:.3f}",
                  f"{p['temp_bytes'] / gb:.3f}", f"{p['peak_bytes'] / gb:.3f}",
                  "yes" if p["fits"] else "NO", f"{p['flops_per_device'] / 1e9:.1f}",

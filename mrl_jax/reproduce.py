@@ -162,7 +162,7 @@ def reproduce(config, workdir, *, methods=METHODS, ff_dims=None,
   workdir = train.workdir_path(workdir)
   runs = run_configs(config, methods, ff_dims)
   # Every variant's config is checked before the first one trains.
-  mesh = sharding.create_mesh(config.mesh)
+  mesh = sharding.create_mesh(config.mesh, dcn_config=config.get("mesh_dcn"))
   for name, run in runs.items():
     logging.info("Checking the config of run %s", name)
     train.check_config(run["config"], mesh)

@@ -51,28 +51,61 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   return tuple(sizes)
 
 
-def create_mesh(mesh_config: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+def create_mesh(mesh_config: Mapping[str, int], devices=None,
+                dcn_config: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices` (default: all).
 
-  On several TPU slices (multislice) the 'data' axis spans the slices, whose
-  links (DCN) are slower than the links inside a slice: only the gradient
-  reduction of data parallelism crosses them.
+  On several TPU slices (multislice) the slices are linked by the data-center
+  network (DCN), much slower than the links inside a slice (ICI).
+  `dcn_config` (`config.mesh_dcn`) says how many slices each axis spans;
+  the default puts 'data' across all slices, so only the gradient reduction
+  of data parallelism crosses DCN while FSDP's all-gathers and tensor
+  parallelism stay inside a slice. Each axis' size in `config.mesh` is its
+  total: `dcn x ici`.
   """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1 and not dcn_config:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  dcn = dcn_shape(dcn_config, slices)
+  bad = [a for a, n, d in zip(MESH_AXES, shape, dcn) if n % d]
+  if bad:
+    raise ValueError(
+        f"config.mesh={dict(zip(MESH_AXES, shape))} on {slices} slices with "
+        f"config.mesh_dcn={dict(zip(MESH_AXES, dcn))}: the size of {bad} is not a "
+        "multiple of the slices it spans. Fix: e.g. "
+        f"--config.mesh.data={slices} --config.mesh.fsdp=-1.")
   if slices == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  if shape[0] % slices:
-    raise ValueError(
-        f"config.mesh={dict(zip(MESH_AXES, shape))} on {slices} slices: the 'data' axis "
-        f"spans the slices, so its size must be a multiple of {slices}. Fix: e.g. "
-        f"--config.mesh.data={slices} --config.mesh.fsdp=-1.")
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-  grid = mesh_utils.create_hybrid_device_mesh(
-      (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+  ici = tuple(n // d for n, d in zip(shape, dcn))
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def dcn_shape(dcn_config: Mapping[str, int] | None, slices: int) -> tuple[int, ...]:
+  """Slices spanned by each of MESH_AXES (`config.mesh_dcn`; None: 'data' spans all)."""
+  if not dcn_config:
+    return (slices,) + (1,) * (len(MESH_AXES) - 1)
+  unknown = set(dcn_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(
+        f"config.mesh_dcn has unknown axes {sorted(unknown)}; the mesh axes are "
+        f"{MESH_AXES}.")
+  sizes = [int(dcn_config.get(a, 1)) for a in MESH_AXES]
+  if -1 in sizes:
+    if sizes.count(-1) > 1 or slices % math.prod(s for s in sizes if s != -1):
+      raise ValueError(f"config.mesh_dcn={dict(zip(MESH_AXES, sizes))}: one -1 at most, "
+                       f"and the other sizes must divide the {slices} slices.")
+    sizes[sizes.index(-1)] = slices // math.prod(s for s in sizes if s != -1)
+  if any(s < 1 for s in sizes) or math.prod(sizes) != slices:
+    raise ValueError(
+        f"config.mesh_dcn={dict(zip(MESH_AXES, sizes))} spans {math.prod(sizes)} slices "
+        f"but the devices are {slices} slices. Fix: make the product of its sizes "
+        f"{slices}, e.g. --config.mesh_dcn.data={slices} (the default when unset).")
+  return tuple(sizes)
 
 
 def num_batch_shards(mesh: jax.sharding.Mesh) -> int:

@@ -411,7 +411,7 @@ def setup(config, *, devices=None, dataset=None, vocab_size=None,
   `vocab_size` and `process_count` go to `check_config` (compile passes them
   for a TPU slice this host is not part of).
   """
-  mesh = sharding.create_mesh(config.mesh, devices)
+  mesh = sharding.create_mesh(config.mesh, devices, config.get("mesh_dcn"))
   facts = check_config(config, mesh, dataset=dataset, vocab_size=vocab_size,
                        process_count=process_count)
   task = tasks.get_task(config, facts)
