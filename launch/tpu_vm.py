@@ -339,7 +339,7 @@ def cmd_create(args) -> int:
          "accelerator_type": args.accelerator_type, "num_slices": args.num_slices,
          "runtime_version": args.runtime_version or acc.runtime_version,
          "provisioning": "spot" if args.spot else "reserved" if args.reserved else "on-demand"}
-  g = Gcloud(rec, args.dry_run)
+  g = Gcloud(rec, args.dry_run or args.record_only)
   if not args.record_only:
     create(g)
   if not args.dry_run:
@@ -390,7 +390,7 @@ def package_code(args, g: Gcloud) -> dict:
   sha = commit.stdout.strip()
   dirty = status.stdout.strip() and not args.commit
   if dirty and not args.allow_dirty:
-    changed = status.stdout.strip().splitlines()
+    changed = [l for l in status.stdout.splitlines() if l.strip()]
     raise LaunchError(
         f"{repo} has uncommitted changes ({len(changed)} files, e.g. {changed[0][3:]}): "
         "commit them, so every worker runs code that is in the history, or pass "
@@ -457,22 +457,25 @@ def cmd_run(args) -> int:
     env[key] = value
   rec["run"] = {"workdir": args.workdir, "trainer_args": trainer_args, "env": env,
                 "log_sync_seconds": args.log_sync_seconds}
-  if args.auto_resume and "code" not in rec:
+  if args.auto_resume and "code" not in rec and not args.dry_run:
     raise LaunchError("run --auto_resume reinstalls the same code after a preemption: "
                       f"run `tpu_vm.py setup --name={args.name}` first.")
   g = Gcloud(rec, args.dry_run)
   if not args.dry_run:
     save_record(rec)
+  if args.auto_resume and not args.dry_run:
+    state = g.state()
+    if state not in PREEMPTED:  # preempted already: the watch recovers it first
+      g.require_active()
+      start_run(g)
+    return watch(g, args, state)
   g.require_active()
   start_run(g)
-  if not args.auto_resume:
-    return 0
-  if args.dry_run:
+  if args.auto_resume:
     print(f"# then, every {args.poll_seconds:g} s: the describe command above; on "
           f"{'/'.join(PREEMPTED)}: delete, create, setup and run again (at most "
           f"{args.max_retries} times)", flush=True)
-    return 0
-  return watch(g, args)
+  return 0
 
 
 def start_run(g: Gcloud) -> None:
@@ -517,16 +520,15 @@ def worker_states(g: Gcloud) -> list[str] | None:
   return lines
 
 
-def watch(g: Gcloud, args) -> int:
-  """Until the run ends: recreates, sets up and restarts a preempted slice."""
-  name, retries, last = g.rec["name"], 0, "ACTIVE"
+def watch(g: Gcloud, args, state: str) -> int:
+  """Until the run ends: recreates, sets up and restarts a preempted slice.
+
+  `state` is the queued resource's state now; each later one is read every
+  --poll_seconds, and each change is logged.
+  """
+  name, retries = g.rec["name"], 0
   log(name, f"watching every {args.poll_seconds:g} s (at most {args.max_retries} recoveries)")
   while True:
-    time.sleep(args.poll_seconds)
-    state = g.state()
-    if state != last:
-      log(name, f"queued resource {last} -> {state}")
-      last = state
     if state is None:
       log(name, "the queued resource was deleted: stopped watching")
       return 1
@@ -543,24 +545,35 @@ def watch(g: Gcloud, args) -> int:
       g.wait_active(args.poll_seconds)
       setup(g)
       start_run(g)
-      last = "ACTIVE"
-      continue
-    if state != "ACTIVE":
-      continue
-    lines = worker_states(g)
-    if lines is None:
-      continue  # a worker did not answer this time; ask again next poll
-    codes = [int(m) for m in re.findall(r"^mrl_jax_exit=(-?\d+)", "\n".join(lines), re.M)]
-    failed = [c for c in codes if c]
-    if failed:
-      log(name, f"the run failed on a worker (exit {failed[0]}; logs: "
-          f"{g.rec['run']['workdir']}/logs/): stopping the others")
-      for node in g.nodes:
-        g.call(g.ssh(node, STOP_SCRIPT), check=False)
-      return failed[0]
-    if len(codes) == len(lines):
-      log(name, f"the run finished on all {len(codes)} workers (exit 0)")
-      return 0
+      state = "ACTIVE"
+    elif state == "ACTIVE":
+      code = run_result(g)
+      if code is not None:
+        return code
+    time.sleep(args.poll_seconds)
+    last, state = state, g.state()
+    if state != last:
+      log(name, f"queued resource {last} -> {state}")
+
+
+def run_result(g: Gcloud) -> int | None:
+  """The run's exit code once every worker has one (0) or one failed; else None."""
+  lines = worker_states(g)
+  if lines is None:
+    return None  # a worker did not answer this time; ask again next poll
+  codes = [int(m) for m in re.findall(r"^mrl_jax_exit=(-?\d+)", "\n".join(lines), re.M)]
+  failed = [c for c in codes if c]
+  name = g.rec["name"]
+  if failed:
+    log(name, f"the run failed on a worker (exit {failed[0]}; logs: "
+        f"{g.rec['run']['workdir']}/logs/): stopping the others")
+    for node in g.nodes:
+      g.call(g.ssh(node, STOP_SCRIPT), check=False)
+    return failed[0]
+  if len(codes) == len(lines):
+    log(name, f"the run finished on all {len(codes)} workers (exit 0)")
+    return 0
+  return None
 
 
 def cmd_status(args) -> int:
