@@ -19,8 +19,9 @@ Any config field can be overridden: --config.batch_size=128. Re-running the
 same command in the same workdir resumes from the latest checkpoint. One run
 trains in a workdir at a time (WORKDIR/LOCK); --force takes over from one
 that died without releasing it.
-Multi-host outside Cloud TPU: add --coordinator_address=HOST:PORT
---num_processes=N --process_id=I.
+Multi-host: on Cloud TPU VMs and in a SLURM step (srun) the processes find
+each other; elsewhere add --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I. Launchers for both: launch/ (README, "Launch").
 """
 import ast
 import glob
@@ -87,15 +88,39 @@ def _skip_absent_accelerators():
   """
   if "JAX_PLATFORMS" in os.environ or os.environ.get("JAX_FORCE_TPU_INIT"):
     return
-  if any(importlib.util.find_spec(p) for p in _GPU_PLUGINS):
+  if any(importlib.util.find_spec(p) for p in _GPU_PLUGINS) or _tpu_attached():
     return
+  jax.config.update("jax_platforms", "cpu")
+
+
+def _tpu_attached() -> bool:
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
       if pathlib.Path(vendor).read_text().strip() == "0x1ae0":  # Google: a TPU
-        return
+        return True
     except OSError:
       continue
-  jax.config.update("jax_platforms", "cpu")
+  return False
+
+
+def distributed_init_args(environ, tpu_attached: bool) -> dict | None:
+  """`jax.distributed.initialize` arguments for this process, None if it runs alone.
+
+  Cloud TPU VMs (and GKE TPU pods): JAX finds the workers itself. A SLURM
+  step with several tasks: JAX reads them from SLURM's environment; with one
+  task per node (or one GPU bound per task by SLURM) the task keeps every GPU
+  it sees, else task i takes GPU SLURM_LOCALID (one task per GPU).
+  """
+  if tpu_attached or "TPU_ACCELERATOR_TYPE" in environ or "CLOUD_TPU_TASK_ID" in environ:
+    return {}
+  if "SLURM_STEP_NODELIST" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    tasks = int(environ["SLURM_NTASKS"])
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if tasks == nodes or len(visible) == 1:
+      return {"local_device_ids": []}
+    return {}
+  return None
 
 
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
@@ -113,8 +138,8 @@ def main(argv):
     return
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif "TPU_ACCELERATOR_TYPE" in os.environ or "CLOUD_TPU_TASK_ID" in os.environ:
-    jax.distributed.initialize()  # auto-detected on Cloud TPU VMs
+  elif (init := distributed_init_args(os.environ, _tpu_attached())) is not None:
+    jax.distributed.initialize(**init)  # Cloud TPU VMs, SLURM: auto-detected
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)

@@ -76,3 +76,24 @@ def test_a_bad_workdir_is_one_line_without_a_traceback(fake_dataset_dir, tmp_pat
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: --workdir={tmp_path / 'a_file'} is a file, not a directory. Fix: pass a "
       "directory (it is created if missing).")
+
+
+@pytest.mark.parametrize("env, tpu, expected", [
+    ({}, False, None),  # one process
+    ({}, True, {}),  # a Cloud TPU VM: JAX finds its workers
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-16"}, False, {}),
+    # srun, one task per node: every GPU of the node
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "2"},
+     False, {"local_device_ids": []}),
+    # srun, one task per GPU with all GPUs visible: JAX takes GPU SLURM_LOCALID
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_NODES": "2",
+      "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, False, {}),
+    # srun with --gpus-per-task=1: SLURM already gave each task its GPU
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_NODES": "1",
+      "CUDA_VISIBLE_DEVICES": "3"}, False, {"local_device_ids": []}),
+    # a batch script (no step) or a one-task step: one process
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, False, None),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, False, None),
+])
+def test_distributed_init_is_detected_on_tpu_vms_and_in_slurm_steps(env, tpu, expected):
+  assert main.distributed_init_args(env, tpu) == expected
