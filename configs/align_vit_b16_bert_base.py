@@ -19,13 +19,13 @@ Text: BERT's uncased WordPiece vocabulary (`vocab.txt` of Google's BERT-Base
 uncased checkpoint, e.g. gs://cloud-tpu-checkpoints/bert/v3/uncased_L-12_H-768_A-12/vocab.txt,
 or HuggingFace bert-base-uncased), max 64 tokens.
 
-Train on every host of a Cloud TPU VM pod (or a GPU host):
+Train (a Cloud TPU slice, GKE, a GPU host or SLURM: README, "Launch"), e.g.
+on a v5e-256 created with `launch/tpu_vm.py create`:
 
-  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="\
-    cd mrl_jax && python -m mrl_jax.main --config=configs/align_vit_b16_bert_base.py \
+  python launch/tpu_vm.py run --name=$TPU --workdir=gs://$BUCKET/align_b16_mrl \
+    --auto_resume -- --config=configs/align_vit_b16_bert_base.py \
     --config.dataset.data_dir=gs://$BUCKET/tfds \
-    --config.text.vocab_path=gs://$BUCKET/bert/vocab.txt \
-    --workdir=gs://$BUCKET/align_b16_mrl"
+    --config.text.vocab_path=gs://$BUCKET/bert/vocab.txt
 
 Recipe (ALIGN, Jia et al. 2021, scaled to ViT-B/16 + BERT-Base as in the
 MRL paper): LAMB, lr 1e-3 with 10k warmup steps and linear decay, weight

@@ -1,10 +1,12 @@
 r"""MRL ViT-B/16 on ImageNet-1k: the MRL paper's ViT nesting, d = 768.
 
-Prepare `imagenet2012` as described in `imagenet_vit_s16.py`, then on every
-host of a Cloud TPU VM (or a GPU host):
+Prepare `imagenet2012` as described in `imagenet_vit_s16.py`, then train
+(a Cloud TPU slice, GKE, a GPU host or SLURM: README, "Launch"), e.g. on a
+v5e-16 created with `launch/tpu_vm.py create`:
 
-  python -m mrl_jax.main --config=configs/imagenet_vit_b16.py \
-    --config.dataset.data_dir=gs://$BUCKET/tfds --workdir=gs://$BUCKET/vit_b16_mrl
+  python launch/tpu_vm.py run --name=$TPU --workdir=gs://$BUCKET/vit_b16_mrl \
+    --auto_resume -- --config=configs/imagenet_vit_b16.py \
+    --config.dataset.data_dir=gs://$BUCKET/tfds
 
 Recipe: the same plain-ViT recipe as `imagenet_vit_s16.py` (gap, sin-cos
 position embeddings, batch 1024, AdamW lr 1e-3, 10k warmup steps, cosine,

@@ -6,12 +6,12 @@ ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
 
   python -m mrl_jax.data.prepare --dataset=imagenet2012 --data_dir=DATA_DIR
 
-Train on a Cloud TPU VM (every host runs the same command; JAX finds the
-others itself) or a GPU host:
+Train (a Cloud TPU slice, GKE, a GPU host or SLURM: README, "Launch"), e.g.
+on a v5e-16 created with `launch/tpu_vm.py create`:
 
-  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="\
-    cd mrl_jax && python -m mrl_jax.main --config=configs/imagenet_vit_s16.py \
-    --config.dataset.data_dir=gs://$BUCKET/tfds --workdir=gs://$BUCKET/vit_s16_mrl"
+  python launch/tpu_vm.py run --name=$TPU --workdir=gs://$BUCKET/vit_s16_mrl \
+    --auto_resume -- --config=configs/imagenet_vit_s16.py \
+    --config.dataset.data_dir=gs://$BUCKET/tfds
 
 Recipe (Beyer et al. 2022, "Better plain ViT baselines for ImageNet-1k"):
 global-average pooling, 2-D sin-cos position embeddings, batch 1024, AdamW
