@@ -2,13 +2,14 @@
 # Submit launch/slurm.sbatch with the cluster shape as flags.
 #
 #   launch/slurm.sh submit --nodes=2 [--gpus_per_node=8] [--per_gpu] [--partition=P] \
-#       [--account=A] [--time=24:00:00] [--dry_run] \
+#       [--account=A] [--time=24:00:00] [--sbatch=FILE] [--dry_run] \
 #       -- --config=configs/imagenet_vit_b16.py --workdir=/shared/runs/b16
-#   launch/slurm.sh status [JOBID]      # squeue for your jobs
-#   launch/slurm.sh cancel JOBID        # scancel: the trainer saves a checkpoint first
+#   launch/slurm.sh status [JOBID] [--dry_run]   # squeue for your jobs
+#   launch/slurm.sh cancel JOBID [--dry_run]     # SIGTERM only: the trainer saves, then exits
 #
-# --per_gpu: one process per GPU instead of one per node. Logs: mrl_jax-JOBID.out
-# in the submit directory, each line prefixed by its task number.
+# --per_gpu: one process per GPU instead of one per node. --sbatch: your copy of
+# launch/slurm.sbatch (site-specific #SBATCH lines). Logs: mrl_jax-JOBID.out in
+# the submit directory, each line prefixed by its task number.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,12 +20,15 @@ need() { [[ $DRY_RUN == 1 ]] || command -v "$1" >/dev/null || die "$1 not found 
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi
 }
-usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() {  # the comment block at the top of this file
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
 
 [[ $# -gt 0 ]] || { usage; exit 2; }
+[[ $1 != -h && $1 != --help ]] || { usage; exit 0; }
 COMMAND="$1"
 shift
-NODES=1 GPUS=8 PER_GPU=0 PARTITION="" ACCOUNT="" TIME=""
+NODES=1 GPUS=8 PER_GPU=0 PARTITION="" ACCOUNT="" TIME="" SBATCH_FILE="$REPO/launch/slurm.sbatch"
 TRAINER_ARGS=() POSITIONAL=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,6 +38,7 @@ while [[ $# -gt 0 ]]; do
     --partition=*) PARTITION="${1#*=}" ;;
     --account=*) ACCOUNT="${1#*=}" ;;
     --time=*) TIME="${1#*=}" ;;
+    --sbatch=*) SBATCH_FILE="${1#*=}" ;;
     --dry_run) DRY_RUN=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; TRAINER_ARGS=("$@"); break ;;
@@ -57,7 +62,8 @@ case "$COMMAND" in
     [[ -z $PARTITION ]] || opts+=("--partition=$PARTITION")
     [[ -z $ACCOUNT ]] || opts+=("--account=$ACCOUNT")
     [[ -z $TIME ]] || opts+=("--time=$TIME")
-    run sbatch "${opts[@]}" "--export=ALL,MRL_JAX_DIR=$REPO" "$REPO/launch/slurm.sbatch" "${TRAINER_ARGS[@]}"
+    [[ -f $SBATCH_FILE ]] || die "--sbatch=$SBATCH_FILE: no such file"
+    run sbatch "${opts[@]}" "--export=ALL,MRL_JAX_DIR=$REPO" "$SBATCH_FILE" "${TRAINER_ARGS[@]}"
     ;;
   status)
     need squeue

@@ -275,6 +275,8 @@ def run_script(trainer_args: list[str], workdir: str, log_name: str, env: dict[s
     copy = (f'mkdir -p {shlex.quote(workdir.rstrip("/") + "/logs")} && '
             f'cp "$log" {dest} 2>/dev/null || true')
   exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+  tick = min(1.0, log_sync_seconds)
+  every = max(1, round(log_sync_seconds / tick))
   trainer = shlex.join(["-m", "mrl_jax.main", f"--workdir={workdir}", *trainer_args])
   detached = (
       f'echo $$ > "{REMOTE_RUN}/pid"\n'
@@ -286,7 +288,10 @@ def run_script(trainer_args: list[str], workdir: str, log_name: str, env: dict[s
       "child=$!\n"
       f'echo "$child" > "{REMOTE_RUN}/child_pid"\n'
       "trap 'kill -TERM \"$child\" 2>/dev/null' TERM\n"
-      f'while kill -0 "$child" 2>/dev/null; do sleep {log_sync_seconds:g}; sync_log; done\n'
+      # Wake every `tick` seconds (the trainer's exit is seen at once), copy
+      # the log every `every` ticks.
+      f'i=0; while kill -0 "$child" 2>/dev/null; do sleep {tick:g}; i=$((i + 1)); '
+      f'[ $((i % {every})) -ne 0 ] || sync_log; done\n'
       'wait "$child"; code=$?\n'
       "sync_log\n"
       f'echo "$code" > "{REMOTE_RUN}/exit_code"\n')
@@ -465,7 +470,9 @@ def cmd_run(args) -> int:
     save_record(rec)
   if args.auto_resume and not args.dry_run:
     state = g.state()
-    if state not in PREEMPTED:  # preempted already: the watch recovers it first
+    if state == "ACTIVE" and any("mrl_jax_running" in l for l in worker_states(g) or []):
+      log(args.name, "a run is going on the workers: watching it")
+    elif state not in PREEMPTED:  # preempted already: the watch recovers it first
       g.require_active()
       start_run(g)
     return watch(g, args, state)
@@ -649,7 +656,9 @@ def parser() -> argparse.ArgumentParser:
   sub.add_parser("accelerators", help="the known accelerator types and their runtime "
                  "versions").set_defaults(fn=cmd_accelerators)
 
-  c = sub.add_parser("create", parents=[common], help="request a slice (a queued resource)")
+  fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+  c = sub.add_parser("create", parents=[common], help="request a slice (a queued resource)",
+                     **fmt)
   c.add_argument("--zone", required=True)
   c.add_argument("--project", default=None, help="default: gcloud's configured project")
   c.add_argument("--accelerator_type", required=True,
@@ -660,14 +669,16 @@ def parser() -> argparse.ArgumentParser:
   kind = c.add_mutually_exclusive_group()
   kind.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
   kind.add_argument("--reserved", action="store_true", help="the project's reservation")
-  c.add_argument("--wait", action="store_true", help="return once it is ACTIVE")
-  c.add_argument("--poll_seconds", type=float, default=30)
+  c.add_argument("--wait", action="store_true",
+                 help="return once it is ACTIVE (no time limit: spot capacity can take "
+                 "hours; Ctrl-C leaves the request queued, `delete` withdraws it)")
+  c.add_argument("--poll_seconds", type=float, default=30, help="--wait: between checks")
   c.add_argument("--record_only", action="store_true",
                  help="it exists already: only record it for setup/run")
   c.set_defaults(fn=cmd_create)
 
   s = sub.add_parser("setup", parents=[common],
-                     help="install a commit of this checkout on every worker")
+                     help="install a commit of this checkout on every worker", **fmt)
   s.add_argument("--commit", default=None, help="default: HEAD (the tree must be clean)")
   s.add_argument("--allow_dirty", action="store_true",
                  help="install the working tree with its uncommitted changes")
@@ -677,16 +688,20 @@ def parser() -> argparse.ArgumentParser:
   s.set_defaults(fn=cmd_setup)
 
   r = sub.add_parser("run", parents=[common],
-                     help="start python -m mrl_jax.main on every worker; args after --")
+                     help="start python -m mrl_jax.main on every worker; args after --", **fmt)
   r.add_argument("--workdir", required=True,
                  help="gs://... on more than one host; also gets logs/worker-N.log")
   r.add_argument("--env", action="append", default=[],
                  help="NAME=VALUE for the trainer's environment (repeatable)")
-  r.add_argument("--log_sync_seconds", type=float, default=60)
+  r.add_argument("--log_sync_seconds", type=float, default=60,
+                 help="how often each worker copies its log to WORKDIR/logs/")
   r.add_argument("--auto_resume", action="store_true",
                  help="stay and watch: recreate, set up and restart a preempted slice")
-  r.add_argument("--max_retries", type=int, default=10, help="--auto_resume: recoveries")
-  r.add_argument("--poll_seconds", type=float, default=60)
+  r.add_argument("--max_retries", type=int, default=10,
+                 help="--auto_resume: preemptions to recover from (each one counts, however "
+                 "long its new slice takes to become ACTIVE); then it gives up")
+  r.add_argument("--poll_seconds", type=float, default=60,
+                 help="--auto_resume: between checks of the slice and the workers")
   r.add_argument("trainer_args", nargs=argparse.REMAINDER,
                  help="-- then the trainer's flags, e.g. -- --config=configs/x.py")
   r.set_defaults(fn=cmd_run)
@@ -694,14 +709,15 @@ def parser() -> argparse.ArgumentParser:
   st = sub.add_parser("status", parents=[common], help="the slice's state and each worker's")
   st.set_defaults(fn=cmd_status)
 
-  lg = sub.add_parser("logs", parents=[common], help="a worker's log (ssh + tail)")
+  lg = sub.add_parser("logs", parents=[common], help="a worker's log (ssh + tail)", **fmt)
   lg.add_argument("--worker", type=int, default=0)
   lg.add_argument("--slice", type=int, default=0)
   lg.add_argument("--lines", type=int, default=100)
   lg.add_argument("--follow", action="store_true")
   lg.set_defaults(fn=cmd_logs)
 
-  sh = sub.add_parser("ssh", parents=[common], help="a shell (or --command) on a worker")
+  sh = sub.add_parser("ssh", parents=[common], help="a shell (or --command) on a worker",
+                      **fmt)
   sh.add_argument("--worker", type=int, default=0)
   sh.add_argument("--slice", type=int, default=0)
   sh.add_argument("--command", default=None)
@@ -710,7 +726,8 @@ def parser() -> argparse.ArgumentParser:
   sub.add_parser("stop", parents=[common], help="stop the run on every worker "
                  "(SIGTERM: it saves a checkpoint)").set_defaults(fn=cmd_stop)
   sub.add_parser("delete", parents=[common],
-                 help="delete the queued resource and its TPU VMs").set_defaults(fn=cmd_delete)
+                 help="delete the queued resource and its TPU VMs (the local record stays, "
+                 "for `create` again)").set_defaults(fn=cmd_delete)
   return p
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GKE with xpk: build the image, run the trainer on TPU slices, list, delete.
 #
-#   launch/xpk.sh build  --image=IMAGE [--extra=tpu|cuda]
+#   launch/xpk.sh build  --image=IMAGE [--extra=tpu|cuda]        # docker build + push
 #   launch/xpk.sh run    --cluster=C --workload=W --image=IMAGE --tpu_type=v5litepod-16 \
 #       [--num_slices=N] [--zone=Z] [--project=P] [--max_restarts=10] [--spot] \
 #       -- --config=configs/imagenet_vit_b16.py --workdir=gs://BUCKET/runs/b16
+#       (GPU node pools: --device_type=h100-80gb-8 instead of --tpu_type, --num_nodes=N)
 #   launch/xpk.sh list   --cluster=C [--zone=Z] [--project=P]
 #   launch/xpk.sh delete --cluster=C --workload=W [--zone=Z] [--project=P]
 #
@@ -37,12 +38,15 @@ run() {  # prints the command in a dry run, runs it otherwise
   fi
 }
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() {  # the comment block at the top of this file
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
 
 [[ $# -gt 0 ]] || { usage; exit 2; }
+[[ $1 != -h && $1 != --help ]] || { usage; exit 0; }
 COMMAND="$1"
 shift
-CLUSTER="" WORKLOAD="" IMAGE="" TPU_TYPE="" NUM_SLICES=1 ZONE="" PROJECT=""
+CLUSTER="" WORKLOAD="" IMAGE="" TPU_TYPE="" DEVICE_TYPE="" NUM_SLICES=1 NUM_NODES="" ZONE="" PROJECT=""
 MAX_RESTARTS=10 EXTRA=tpu SPOT=0
 TRAINER_ARGS=()
 while [[ $# -gt 0 ]]; do
@@ -51,6 +55,8 @@ while [[ $# -gt 0 ]]; do
     --workload=*) WORKLOAD="${1#*=}" ;;
     --image=*) IMAGE="${1#*=}" ;;
     --tpu_type=*) TPU_TYPE="${1#*=}" ;;
+    --device_type=*) DEVICE_TYPE="${1#*=}" ;;
+    --num_nodes=*) NUM_NODES="${1#*=}" ;;
     --num_slices=*) NUM_SLICES="${1#*=}" ;;
     --zone=*) ZONE="${1#*=}" ;;
     --project=*) PROJECT="${1#*=}" ;;
@@ -79,17 +85,21 @@ case "$COMMAND" in
     run docker push "$IMAGE"
     ;;
   run)
-    require CLUSTER WORKLOAD IMAGE TPU_TYPE
+    require CLUSTER WORKLOAD IMAGE
+    [[ -n $TPU_TYPE || -n $DEVICE_TYPE ]] || die "run needs --tpu_type=... (or --device_type=... for GPUs)"
+    [[ -z $TPU_TYPE || -z $DEVICE_TYPE ]] || die "run takes --tpu_type or --device_type, not both"
     [[ ${#TRAINER_ARGS[@]} -gt 0 ]] || die "run needs the trainer's flags after --, e.g. -- --config=configs/x.py --workdir=gs://B/run"
     workdir=""
     for a in "${TRAINER_ARGS[@]}"; do [[ $a != --workdir=* ]] || workdir="${a#--workdir=}"; done
     [[ $workdir == gs://* ]] || die "the trainer's --workdir must be gs://... ('${workdir:-none given}'): every pod of every slice saves and resumes the same checkpoints there."
     need xpk "pip install xpk (https://github.com/AI-Hypercomputer/xpk)"
     trainer="$(printf '%q ' python -m mrl_jax.main "${TRAINER_ARGS[@]}")"
+    shape=("--tpu-type=$TPU_TYPE" "--num-slices=$NUM_SLICES")
+    [[ -z $DEVICE_TYPE ]] || shape=("--device-type=$DEVICE_TYPE" "--num-nodes=${NUM_NODES:-1}")
     capacity=()
     [[ $SPOT == 0 ]] || capacity=(--spot)
     run xpk workload create "--cluster=$CLUSTER" "--workload=$WORKLOAD" "--docker-image=$IMAGE" \
-      "--tpu-type=$TPU_TYPE" "--num-slices=$NUM_SLICES" "--max-restarts=$MAX_RESTARTS" \
+      "${shape[@]}" "--max-restarts=$MAX_RESTARTS" \
       "${capacity[@]}" "${WHERE[@]}" "--command=${trainer% }"
     ;;
   list)

@@ -173,7 +173,7 @@ def _basic_tools(tmp: pathlib.Path) -> str:
   out.mkdir(exist_ok=True)
   for name in ("bash", "sh", "cat", "mkdir", "rm", "cp", "tar", "gzip", "kill", "sleep",
                "setsid", "nohup", "hostname", "git", "env", "printf", "dirname", "tail", "sed",
-               "tr"):
+               "tr", "awk"):
     for d in ("/usr/local/bin", "/usr/bin", "/bin"):
       if os.path.exists(os.path.join(d, name)) and not (out / name).exists():
         (out / name).symlink_to(os.path.join(d, name))

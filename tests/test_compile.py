@@ -163,9 +163,8 @@ def test_multislice_data_parallel_over_slices():
 
 
 @pytest.mark.parametrize("mesh, dcn", [({"data": 2, "fsdp": -1}, None),
-                                       ({"data": -1}, None),
                                        ({"data": 1, "fsdp": -1}, {"data": 1, "fsdp": 2})],
-                         ids=["dp_x_fsdp", "dp", "fsdp_over_dcn"])
+                         ids=["dp_x_fsdp", "fsdp_over_dcn"])
 def test_two_slice_train_step_crosses_slices_only_to_reduce_gradients(mesh, dcn):
   """The ViT train step compiled for 2 x v5e:2x2, read from its HLO.
 

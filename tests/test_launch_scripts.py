@@ -82,7 +82,12 @@ def test_xpk_dry_run_prints_and_runs_nothing(tmp_path):
     assert shlex.split(script(env, "xpk.sh", *sub, "--dry_run").stdout)[:3] == [
         "xpk", "workload", sub[0]]
   assert not (tmp_path / "calls.jsonl").exists()
-  for sub in ("run", "build", "list", "delete"):
+  gpu = script(env, "xpk.sh", "run", "--cluster=c", "--workload=w", "--image=i",
+               "--device_type=h100-80gb-8", "--num_nodes=2", "--dry_run", "--",
+               "--workdir=gs://b/r").stdout
+  assert "--device-type=h100-80gb-8 --num-nodes=2 " in gpu and "--tpu-type" not in gpu
+  assert not (tmp_path / "calls.jsonl").exists()
+  for sub in ("--help", "run", "build", "list", "delete"):
     assert "launch/xpk.sh run" in script(env, "xpk.sh", sub, "--help").stdout
 
 
@@ -145,7 +150,13 @@ def test_slurm_bad_input_is_one_line(tmp_path):
                 check=False)
   assert done.returncode == 2 and "error: no Python at" in done.stderr
   dry = script(env, "slurm.sh", "submit", "--dry_run", "--", "--workdir=/shared/r").stdout
-  assert shlex.split(dry)[0] == "sbatch" and not (tmp_path / "calls.jsonl").exists()
+  assert shlex.split(dry)[0] == "sbatch"
+  assert shlex.split(script(env, "slurm.sh", "cancel", "42", "--dry_run").stdout) == [
+      "scancel", "--signal=TERM", "--full", "42"]
+  assert shlex.split(script(env, "slurm.sh", "status", "--dry_run").stdout)[0] == "squeue"
+  assert not (tmp_path / "calls.jsonl").exists()
+  for sub in ("--help", "submit", "status", "cancel"):
+    assert "launch/slurm.sh submit" in script(env, "slurm.sh", sub, "--help").stdout
 
 
 # ------------------------------------------------------------------ Docker --

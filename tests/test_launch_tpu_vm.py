@@ -265,12 +265,23 @@ def test_run_status_logs_stop_delete_on_every_worker(cloud, tmp_path):
   again = launch(env, "run", "--name=mrl", "--workdir=gs://b/run", "--", "--config=c.py",
                  check=False)
   assert again.returncode == 2 and "a run is already going" in again.stderr
-  time.sleep(0.3)
+  # A watch started now takes the running trainers over instead of starting others.
+  watch = subprocess.Popen([sys.executable, str(TPU_VM), "run", "--name=mrl",
+                            "--workdir=gs://b/run", "--auto_resume", "--poll_seconds=0.1", "--",
+                            "--config=configs/x.py"], env=env, text=True,
+                           stderr=subprocess.PIPE)
+  time.sleep(0.5)
   logs = launch(env, "logs", "--name=mrl", "--worker=2").stdout
   assert "trainer output" in logs
   assert "trainer output" in (tmp / "gcs" / "b" / "run" / "logs" / "worker-2.log").read_text()
   launch(env, "stop", "--name=mrl")
   assert wait_for_exit(homes) == [143] * 4  # SIGTERM reached each trainer
+  # (the real trainer exits 0 once saved; this one is killed by the signal)
+  assert watch.wait(timeout=30) == 143
+  watched = watch.stderr.read()
+  assert "a run is going on the workers: watching it" in watched
+  assert "the run failed on a worker (exit 143" in watched
+  assert len(launch_fakes.records(tmp, "trainer")) == 4
   assert sorted(re.findall(r"mrl_jax_exit=143 worker=(\d)",
                            launch(env, "status", "--name=mrl").stdout)) == ["0", "1", "2", "3"]
   launch(env, "delete", "--name=mrl")
@@ -376,3 +387,24 @@ def test_every_subcommand_has_help_and_a_dry_run_that_runs_nothing(tmp_path, sub
   if subcommand == "run":
     assert [c[4] for c in commands] == ["describe", "ssh"]
     assert commands[1][-1].startswith("--command=") and "--config=c.py" in commands[1][-1]
+
+
+def test_a_failing_gcloud_or_trainer_is_reported_with_its_exit_code(cloud, tmp_path):
+  tmp, env = cloud
+  data = json.loads((tmp / "cloud.json").read_text())
+  (tmp / "cloud.json").write_text(json.dumps(
+      {**data, "exit": {"compute tpus queued-resources create": 1}}))
+  done = launch(env, "create", "--name=mrl", "--zone=z", "--accelerator_type=v5litepod-16",
+                check=False)
+  assert done.returncode == 2
+  assert "`gcloud compute tpus queued-resources create ...` exited 1" in done.stderr
+  assert not (tmp / "records" / "mrl.json").exists()  # nothing to set up or run
+  # A trainer that fails: the watch stops and returns its exit code.
+  (tmp / "cloud.json").write_text(json.dumps({**data, "trainer_exit": 3}))
+  repo = make_repo(tmp_path / "repo")
+  create(env)
+  launch(env, "setup", "--name=mrl", f"--repo={repo}")
+  done = launch(env, "run", "--name=mrl", "--workdir=gs://b/r", "--auto_resume",
+                "--poll_seconds=0.1", "--", "--config=c.py", check=False)
+  assert done.returncode == 3
+  assert "the run failed on a worker (exit 3; logs: gs://b/r/logs/)" in done.stderr
