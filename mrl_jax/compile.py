@@ -489,16 +489,17 @@ def programs(config, s: train.Setup) -> dict[str, tuple[Callable, tuple, Any]]:
   return out
 
 
-def _fixes(config, name: str) -> list[str]:
+def _fixes(config, name: str, num_slices: int = 1) -> list[str]:
   """The config changes that lower `name`'s memory per device."""
   if name == "knn_search":
     return ["the kNN search holds the whole train split's embeddings on every device: "
             "search a slice of it (--config.dataset.train_split='train[:50%]') or drop the "
             "kNN-based evaluators from config.evals"]
   fixes = []
-  if config.mesh.get("fsdp", 1) == 1:
-    fixes.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (parameters and optimizer "
-                 "state split over the chips)")
+  if config.mesh.get("fsdp", 1) == 1:  # on several slices, 'data' spans them (DCN)
+    fixes.append(f"--config.mesh.data={num_slices} --config.mesh.fsdp=-1 (parameters and "
+                 "optimizer state split over the chips" + (" of each slice)" if num_slices > 1
+                                                           else ")"))
   towers = (("model.image", config.model.image), ("model.text", config.model.text)) if (
       config.model.name == "dual_encoder") else (("model", config.model),)
   for where, m in towers:
@@ -547,7 +548,8 @@ def run(config, workdir, *, topology: str, num_slices: int = 1) -> dict[str, Any
         f"{' and '.join(too_big)} {'does' if len(too_big) == 1 else 'do'} not fit the "
         f"{chip.hbm_bytes / _GIB:.0f} GiB of HBM of a {report['chip']} chip (report: "
         f"{outdir / 'report.json'}). Fixes that apply: "
-        + "; ".join(dict.fromkeys(f for n in too_big for f in _fixes(config, n))) + ".")
+        + "; ".join(dict.fromkeys(f for n in too_big
+                                  for f in _fixes(config, n, report["num_slices"]))) + ".")
   return report
 
 
