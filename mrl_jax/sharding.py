@@ -136,6 +136,8 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("repr", None),
     ("classes", None),
     ("layers", None),  # the stacked axis of scanned layers
+    ("conv_in", None),  # ResNet convolutions: data parallel (FSDP still applies)
+    ("conv_out", None),
 )
 
 

@@ -95,7 +95,17 @@ class _Task:
             "opt_state": tx.init(params)}
 
   def model(self, params, rest) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, rest)
+    # Fresh variables (copy): a training call may update running statistics
+    # inside a transformation, which NNX refuses on variables made outside it.
+    return nnx.merge(self.graphdef, params, rest, copy=True)
+
+  def updated_rest(self, params, rest, updates):
+    """`rest` with the running statistics (BatchNorm's) a training call changed."""
+    if not jax.tree.leaves(updates):
+      return rest
+    model = self.model(params, rest)
+    nnx.update(model, updates)
+    return nnx.split(model, nnx.Param, ...)[2]
 
 
 class ClassificationTask(_Task):
@@ -121,12 +131,14 @@ class ClassificationTask(_Task):
     logits, aux = self.apply(params, rest, images, train=False)
     return logits, aux["embedding"]
 
-  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict, Any]]:
+    """(loss, (per-dim loss [M], extra metrics, running-statistics updates))."""
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
-    logits, _ = self.apply(params, rest, batch["image"], train=True)
+    model = self.model(params, rest)
+    logits, _ = model(batch["image"], train=True)
     per_dim = matryoshka.softmax_ce_per_dim(
         logits, batch["label"], label_smoothing=self.config.mrl.get("label_smoothing", 0.0))
-    return jnp.sum(weights * per_dim), (per_dim, {})
+    return jnp.sum(weights * per_dim), (per_dim, {}, nnx.state(model, nnx.BatchStat))
 
 
 class ContrastiveTask(_Task):
@@ -151,7 +163,7 @@ class ContrastiveTask(_Task):
   def embed_texts(self, params, rest, ids):
     return self.model(params, rest).embed_texts(ids, train=False)
 
-  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any]]]:
+  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any], Any]]:
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
     _, aux = model(batch["image"], batch["text"], train=True)
@@ -167,4 +179,4 @@ class ContrastiveTask(_Task):
              "text_empty": jnp.mean(batch["text_empty"].astype(jnp.float32))}
     if "bias" in loss_params:
       extra["bias"] = jnp.mean(loss_params["bias"])
-    return jnp.sum(weights * per_dim), (per_dim, extra)
+    return jnp.sum(weights * per_dim), (per_dim, extra, nnx.state(model, nnx.BatchStat))

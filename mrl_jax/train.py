@@ -51,19 +51,18 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
   this host is not part of.
   """
   process_count = jax.process_count() if process_count is None else process_count
-  nesting, weights = matryoshka.validate_nesting(
-      config.mrl.nesting_dims, config.mrl.get("weights"),
-      config.model.representation_size)
+  d = models.embedding_size(config)
+  nesting, weights = matryoshka.validate_nesting(config.mrl.nesting_dims,
+                                                 config.mrl.get("weights"), d)
   mode = config.mrl.mode
   if tasks.is_contrastive(config):
     tasks.check_contrastive_config(config)
   ff_dim = config.mrl.get("ff_dim") or nesting[-1]
   head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
   if mode == "ff":
-    if not 0 < ff_dim <= config.model.representation_size:
-      raise ValueError(
-          f"config.mrl.ff_dim={ff_dim} must be in [1, "
-          f"config.model.representation_size={config.model.representation_size}].")
+    if not 0 < ff_dim <= d:
+      raise ValueError(f"config.mrl.ff_dim={ff_dim} must be in [1, {d}] (the embedding "
+                       "size, config.model.representation_size).")
     weights = [1.0]
   for field in ("batch_size", "eval_batch_size"):
     if field in config:
@@ -222,14 +221,17 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
   @functools.partial(jax.jit, donate_argnums=0,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
   def train_step(state, batch):
-    (loss, (per_dim, extra)), grads = accumulated_grads(
+    (loss, (per_dim, extra, stats)), grads = accumulated_grads(
         state["params"], state["rest"], batch)
+    # BatchNorm's running averages (the mean over microbatches with accumulation).
+    rest = task.updated_rest(state["params"], state["rest"], stats)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **extra}
     for m, l in zip(facts["head_dims"], per_dim):
       metrics[f"loss_dim{m}"] = l
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    new_state = dict(state, step=state["step"] + 1, params=params, rest=rest,
+                     opt_state=opt_state)
     return new_state, metrics
 
   return train_step

@@ -411,7 +411,8 @@ def test_per_prefix_temperatures(caption_data, arg):
   sigmoid = config.contrastive.kind == "sigmoid"
   assert ("bias" in state["params"]) == sigmoid
   batch = next(iter(input_pipeline.create_train_loader(config)))
-  loss, (per_dim, extra) = jax.eval_shape(task.loss, state["params"], state["rest"], batch)
+  loss, (per_dim, extra, _) = jax.eval_shape(task.loss, state["params"], state["rest"],
+                                             batch)
   assert loss.shape == () and per_dim.shape == (3,)
   assert extra["temperature"].shape == () and ("bias" in extra) == sigmoid
 

@@ -16,6 +16,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from mrl_jax.models import dual_encoder
+from mrl_jax.models import resnet
 from mrl_jax.models import text
 from mrl_jax.models import vit
 
@@ -93,9 +94,37 @@ def _check_dual_encoder(config):
                      "(a WordPiece vocab.txt) and config.text.max_len.")
 
 
+def _resnet(config, *, num_classes, head, channels, dtype, rngs, **unused) -> nnx.Module:
+  del unused
+  m = config.model
+  return resnet.ResNet(
+      depth=m.get("depth", 50), width=m.get("width", 64), channels=channels,
+      num_classes=num_classes, stem=m.get("stem", "imagenet"),
+      representation_size=m.get("representation_size"), head=head,
+      zero_init_last_bn=m.get("zero_init_last_bn", False),
+      bn_momentum=m.get("bn_momentum", 0.9), bn_epsilon=m.get("bn_epsilon", 1e-5),
+      bn_ghost_groups=m.get("bn_ghost_groups"), dtype=dtype, rngs=rngs)
+
+
+def _check_resnet(config):
+  m = config.model
+  resnet.check_variant(m.get("depth", 50))
+  if m.get("stem", "imagenet") not in resnet.STEMS:
+    raise ValueError(f"config.model.stem={m.stem!r} is not one of {resnet.STEMS} "
+                     "('small': a 3x3 stride-1 stem without pooling, for 32 px images).")
+  g = m.get("bn_ghost_groups")
+  if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+    raise ValueError(f"config.model.bn_ghost_groups={g!r} must be a positive int "
+                     "(slices of the batch normalised apart) or None (the global batch).")
+  if g is not None and config.batch_size % (g * config.get("grad_accum_steps", 1)):
+    raise ValueError(f"config.model.bn_ghost_groups={g} must divide the microbatch "
+                     f"(config.batch_size={config.batch_size} / grad_accum_steps).")
+
+
 # name: (builder, cheap config check run before any compute).
 MODELS: dict[str, tuple[Callable[..., nnx.Module], Callable]] = {
     "vit": (_vit, _check_vit),
+    "resnet": (_resnet, _check_resnet),
     "dual_encoder": (_dual_encoder, _check_dual_encoder),
 }
 
@@ -111,6 +140,19 @@ def _lookup(config):
     raise ValueError(
         f"config.model.dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
   return MODELS[name], _DTYPES[dtype]
+
+
+def embedding_size(config) -> int:
+  """d, the size of the embedding z the nesting applies to.
+
+  `config.model.representation_size` (a linear layer's output); a ResNet
+  without one embeds with its pooled feature (2048-d for ResNet-50, as the
+  MRL paper).
+  """
+  m = config.model
+  if m.name == "resnet" and m.get("representation_size") is None:
+    return resnet.feature_size(m.get("depth", 50), m.get("width", 64))
+  return m.representation_size
 
 
 def check_variant(config) -> None:
