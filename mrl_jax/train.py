@@ -79,6 +79,9 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
   check_optimizer(config)
   info = dataset or prepare.check_config(config)
   models.check_variant(config)
+  num_train = info.num_examples[config.dataset.train_split]
+  input_pipeline.check_progressive_resizing(
+      config, num_train_steps(config, num_train) * config.batch_size / num_train)
   facts = dict(nesting_dims=nesting, weights=weights, head_dims=head_dims,
                ff_dim=ff_dim, dataset=info)
   if config.dataset.get("text_key"):
@@ -123,6 +126,9 @@ def check_optimizer(config) -> None:
   if clip is not None and (not number(clip) or clip <= 0):
     raise bad("grad_clip_norm", "must be a positive number or None",
               "e.g. --config.optimizer.grad_clip_norm=1.0")
+  if not isinstance(oc.get("nesterov", True), bool):
+    raise bad("nesterov", "must be True or False (SGD's Nesterov momentum)",
+              "e.g. --config.optimizer.nesterov=False")
   for field in ("b1", "b2", "momentum"):
     v = oc.get(field, 0.9)
     if not number(v) or not 0 <= v < 1:
@@ -179,7 +185,8 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
                       weight_decay=wd, mask=_decay_mask)
   elif name == "sgd":
     opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask),
-                      optax.sgd(lr, momentum=oc.get("momentum", 0.9), nesterov=True))
+                      optax.sgd(lr, momentum=oc.get("momentum", 0.9),
+                                nesterov=oc.get("nesterov", True)))
   elif name == "lamb":
     opt = optax.lamb(lr, weight_decay=wd, mask=_decay_mask)
   elif name == "adafactor":

@@ -213,7 +213,7 @@ def test_get_model_bfloat16_compute_float32_params_and_embedding():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(name="vgg"), r"config.model.name='vgg'.*\['dual_encoder', 'vit'\]"),
+    (dict(name="vgg"), r"config.model.name='vgg'.*\['dual_encoder', 'resnet', 'vit'\]"),
     (dict(variant="Q/4"), r"config.model.variant='Q/4'"),
     (dict(dtype="float16"), r"config.model.dtype='float16'"),
     (dict(pool_type="max"), r"config.model.pool_type='max'"),

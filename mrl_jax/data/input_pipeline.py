@@ -22,6 +22,7 @@ up), so the tail is padded with zeros and `mask` says which rows are real.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Iterator
 
@@ -303,20 +304,28 @@ def create_train_loader(
         f' fewer than one batch (config.batch_size={config.batch_size}).'
         ' Lower config.batch_size.'
     )
+  resizing = config.input.get('progressive_resizing')
+  size_at = None
+  if resizing:
+    # The crop size of the batch at each position: epoch = examples seen // split size.
+    size_at = functools.partial(_size_at_batch, resizing, config.batch_size, len(source))
   dataset = (
       grain.MapDataset.range(len(source))
       .seed(_grain_seed(seed))
       .shuffle()
       .repeat(None)
       .batch(config.batch_size, drop_remainder=True)
-      .random_map(
-          _ReadAndAugment(
-              source,
-              transform,
-              batched=transform.batchable(image_shape),
-              rows=slice(index * batch, (index + 1) * batch),
-              text=text_transform(config, source),
-          )
+  )
+  if size_at is not None:
+    dataset = dataset.map_with_index(lambda position, indices: (position, indices))
+  dataset = dataset.random_map(
+      _ReadAndAugment(
+          source,
+          transform,
+          batched=transform.batchable(image_shape) and size_at is None,
+          rows=slice(index * batch, (index + 1) * batch),
+          text=text_transform(config, source),
+          size_at=size_at,
       )
   )
   return TrainBatches(
@@ -439,29 +448,37 @@ class _ReadAndAugment(grain.transforms.RandomMap):
 
   def __init__(self, source, transform: preprocess.TrainTransform, *,
                batched: bool, rows: slice,
-               text: preprocess.TextTransform | None = None):
+               text: preprocess.TextTransform | None = None, size_at=None):
     self.source = source
     self.transform = transform
     self.batched = batched
     self.rows = rows
     self.text = text
+    self.size_at = size_at  # batch position -> crop size (progressive resizing)
 
-  def random_map(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
+  def random_map(self, indices, rng: np.random.Generator) -> Batch:
+    transform = self.transform
+    if self.size_at is not None:
+      position, indices = indices
+      transform = dataclasses.replace(transform, image_size=self.size_at(position))
+    return self._read(indices, transform, rng)
+
+  def _read(self, indices: np.ndarray, transform, rng: np.random.Generator) -> Batch:
     total = len(indices)
     mine = [int(i) for i in indices[self.rows]]
-    image_key, label_key = self.transform.image_key, self.transform.label_key
+    image_key, label_key = transform.image_key, transform.label_key
     text_key = self.text.top_key if self.text else None
     keys = tuple(k for k in (image_key, label_key, text_key) if k)
     if self.batched:
       columns = _read_columns(self.source, mine, keys)
-      out = self.transform.random_map_batch(
+      out = transform.random_map_batch(
           columns[image_key], columns.get(label_key) if label_key else None,
           rng, rows=self.rows, batch_size=total)
     else:
       seeds = rng.integers(0, 2**63 - 1, size=total)[self.rows]
       records = self.source.__getitems__(mine)
       examples = [
-          self.transform.random_map(r, np.random.default_rng(s))
+          transform.random_map(r, np.random.default_rng(s))
           for r, s in zip(records, seeds)
       ]
       out = {
@@ -651,8 +668,67 @@ def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
 # ------------------------------------------------------ batch shapes only --
 
 
-def _image_shape(config, channels: int) -> tuple[int, int, int]:
-  return (*preprocess.image_hw(config.input.image_size), int(channels))
+def _image_shape(config, channels: int, *, train: bool = False) -> tuple[int, int, int]:
+  """The batches' image shape; in training the largest crop of progressive resizing."""
+  size = config.input.image_size
+  resizing = config.input.get('progressive_resizing')
+  if train and resizing:
+    size = resizing['max_size']
+  return (*preprocess.image_hw(size), int(channels))
+
+
+# ------------------------------------------------------- progressive resizing --
+
+
+def train_image_size(resizing, epoch: int) -> int:
+  """FFCV's progressive resizing: `min_size` until `start_epoch`, `max_size`
+  from `end_epoch`, linear in between rounded to a multiple of `multiple`."""
+  lo, hi = resizing['min_size'], resizing['max_size']
+  start, end = resizing['start_epoch'], resizing['end_epoch']
+  if epoch <= start:
+    return lo
+  if epoch >= end:
+    return hi
+  size = lo + (hi - lo) * (epoch - start) / (end - start)
+  multiple = resizing.get('multiple', 32)
+  return int(round(size / multiple)) * multiple
+
+
+def _size_at_batch(resizing, batch_size: int, num_examples: int, position: int) -> int:
+  return train_image_size(resizing, position * batch_size // num_examples)
+
+
+def check_progressive_resizing(config, num_epochs: float) -> None:
+  """config.input.progressive_resizing: sizes the network's stride divides, in
+  order, and epochs inside the run (`num_epochs` of training)."""
+  r = config.input.get('progressive_resizing')
+  if not r:
+    return
+  field = 'config.input.progressive_resizing'
+  keys = ('min_size', 'max_size', 'start_epoch', 'end_epoch')
+  missing = [k for k in keys if k not in r]
+  if missing:
+    raise ValueError(f'{field} needs {missing} (e.g. dict(min_size=160, max_size=192, '
+                     'start_epoch=29, end_epoch=34, multiple=32)).')
+  ints = [r[k] for k in (*keys, 'multiple') if k in r]
+  if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+    raise ValueError(f'{field}={dict(r)}: sizes, epochs and the multiple must be ints >= 0.')
+  multiple = r.get('multiple', 32)
+  if multiple < 1 or r['min_size'] % multiple or r['max_size'] % multiple:
+    raise ValueError(
+        f'{field}: min_size={r["min_size"]} and max_size={r["max_size"]} must be '
+        f'multiples of multiple={multiple} (the network\'s total stride, 32 for a '
+        'ResNet), so every crop size is.')
+  if not 0 < r['min_size'] <= r['max_size']:
+    raise ValueError(f'{field}: needs 0 < min_size <= max_size, got {r["min_size"]} and '
+                     f'{r["max_size"]}.')
+  if r['start_epoch'] > r['end_epoch']:
+    raise ValueError(f'{field}: start_epoch={r["start_epoch"]} is after '
+                     f'end_epoch={r["end_epoch"]}.')
+  if r['end_epoch'] > num_epochs:
+    raise ValueError(
+        f'{field}: end_epoch={r["end_epoch"]} is beyond the run ({num_epochs:g} epochs): '
+        'the largest size would never be reached. Lower the epochs of the schedule.')
 
 
 def train_batch_spec(config, channels: int) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -662,7 +738,7 @@ def train_batch_spec(config, channels: int) -> dict[str, tuple[tuple[int, ...], 
   it against a real batch.
   """
   b = config.batch_size
-  spec = {'image': ((b, *_image_shape(config, channels)), np.float32),
+  spec = {'image': ((b, *_image_shape(config, channels, train=True)), np.float32),
           'label': ((b,), np.int32)}
   if config.dataset.get('text_key'):
     spec['text'] = ((b, config.text.max_len), np.int32)
