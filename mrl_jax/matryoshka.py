@@ -191,8 +191,10 @@ def softmax_ce_per_dim(logits_per_dim, labels, label_smoothing: float = 0.0,
 
   Args:
     logits_per_dim: [M, B, C] array, or a sequence of M [B, C] arrays.
-    labels: int [B].
-    label_smoothing: eps; the target is (1 - eps) * onehot + eps / C.
+    labels: int [B], or soft targets float [B, C] (rows summing to 1, e.g.
+      Mixup / CutMix's), the same for every dim.
+    label_smoothing: eps; the target is (1 - eps) * onehot + eps / C (soft
+      targets: (1 - eps) * target + eps / C).
     mask: optional [B] 0/1 weights (0 = padding); the mean is over valid
       examples, and 0 if there are none.
   """
@@ -205,8 +207,12 @@ def softmax_ce_per_dim(logits_per_dim, labels, label_smoothing: float = 0.0,
   num_classes = logits_per_dim.shape[-1]
   # float32 even for bf16 logits: log-sum-exp over many classes needs it.
   logp = jax.nn.log_softmax(jnp.asarray(logits_per_dim, jnp.float32))
-  targets = (jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-             * (1.0 - label_smoothing) + label_smoothing / num_classes)
+  labels = jnp.asarray(labels)
+  if labels.ndim == 2:  # soft targets [B, C]
+    targets = labels.astype(jnp.float32)
+  else:
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
   ce = -jnp.sum(targets * logp, axis=-1)  # [M, B]
   if mask is None:
     return jnp.mean(ce, axis=-1)

@@ -28,6 +28,7 @@ import optax
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import evaluate
 from mrl_jax import matryoshka
+from mrl_jax import mixup
 from mrl_jax import models
 from mrl_jax import sharding
 from mrl_jax import tasks
@@ -57,6 +58,7 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
   mode = config.mrl.mode
   if tasks.is_contrastive(config):
     tasks.check_contrastive_config(config)
+  mixup.check_config(config, contrastive=tasks.is_contrastive(config))
   ff_dim = config.mrl.get("ff_dim") or nesting[-1]
   head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
   if mode == "ff":
@@ -225,9 +227,15 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
     total, _ = jax.lax.scan(add, zeros, micro)
     return jax.tree.map(lambda x: x / accum, total)
 
+  mix = mixup.enabled(config)
+  mix_key = jax.random.fold_in(jax.random.key(config.seed), 0x6D6978)  # "mix"
+
   @functools.partial(jax.jit, donate_argnums=0,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
   def train_step(state, batch):
+    if mix:  # on the global batch: a function of (seed, step), so resumes are exact
+      batch = mixup.mix_train_batch(config, jax.random.fold_in(mix_key, state["step"]),
+                                    batch, config.dataset.num_classes)
     (loss, (per_dim, extra, stats)), grads = accumulated_grads(
         state["params"], state["rest"], batch)
     # BatchNorm's running averages (the mean over microbatches with accumulation).

@@ -122,14 +122,18 @@ class _Interrupt(Exception):
   pass
 
 
-@pytest.mark.parametrize("resume_overrides", [{}, {"input.worker_count": 2}],
-                         ids=["same_config", "other_worker_count"])
-def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch, resume_overrides):
+MIX = {"mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "switch_prob": 0.5}}
+
+
+@pytest.mark.parametrize("base, resume_overrides", [(MIX, {}), ({}, {"input.worker_count": 2})],
+                         ids=["same_config_mixup_cutmix", "other_worker_count"])
+def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch, base, resume_overrides):
   """6 steps straight == 3 steps, a crash, and a restart that does the rest,
-  also when the restart decodes with another number of worker processes."""
+  also when the restart decodes with another number of worker processes, and
+  with Mixup / CutMix drawn on device (a function of the seed and the step)."""
   straight = tmp_path / "straight"
   monkeypatch.chdir(tmp_path)  # a relative workdir, as `make demo` passes
-  train.run(small_config(fake_dataset_dir), "straight")
+  train.run(small_config(fake_dataset_dir, **base), "straight")
 
   resumed = tmp_path / "resumed"
   make_global_batch = train.input_pipeline.make_global_batch
@@ -143,9 +147,9 @@ def test_resume_is_exact(fake_dataset_dir, tmp_path, monkeypatch, resume_overrid
 
   monkeypatch.setattr(train.input_pipeline, "make_global_batch", crash_after_three)
   with pytest.raises(_Interrupt):
-    train.run(small_config(fake_dataset_dir), str(resumed))
+    train.run(small_config(fake_dataset_dir, **base), str(resumed))
   monkeypatch.setattr(train.input_pipeline, "make_global_batch", make_global_batch)
-  train.run(small_config(fake_dataset_dir, **resume_overrides), str(resumed))
+  train.run(small_config(fake_dataset_dir, **base, **resume_overrides), str(resumed))
   # config.json keeps the values training started with; a changed resume is
   # recorded beside it, named after the step it resumed from.
   assert json.loads((resumed / "config.json").read_text())["input"]["worker_count"] == 0
