@@ -10,19 +10,18 @@ v5e-16 created with `launch/tpu_vm.py create`:
 
 Recipe: the same plain-ViT recipe as `imagenet_vit_s16.py` (gap, sin-cos
 position embeddings, batch 1024, AdamW lr 1e-3, 10k warmup steps, cosine,
-decoupled weight decay 1e-4, bfloat16), 300 epochs, with the MRL paper's
-ViT-B/16 nesting {12, 24, 48, 96, 192, 384, 768} and d = 768. For reference,
-a fixed-feature ViT-B/16 trained on ImageNet-1k alone reaches 81.8 % top-1
-with DeiT's recipe (300 epochs with RandAugment, Mixup/CutMix, random
-erasing and stochastic depth, which this codebase does not implement yet);
-with Inception crop + flip only, ViT-B/16 overfits ImageNet-1k and lands
-several points lower, so treat 81.8 % as the upper reference.
+decoupled weight decay 1e-4, bfloat16, RandAugment(2, 10), Mixup 0.2), 300
+epochs, with the MRL paper's ViT-B/16 nesting {12, 24, 48, 96, 192, 384, 768}
+and d = 768. For reference, a fixed-feature ViT-B/16 trained on ImageNet-1k
+alone reaches 81.8 % top-1 with DeiT's recipe (300 epochs with RandAugment,
+Mixup/CutMix, random erasing and stochastic depth; the last two this
+codebase does not have yet), so treat 81.8 % as the upper reference.
 
 Fits a v5e:4x4 slice (16 chips) or a v4:2x2x4 data parallel at batch 1024,
 without remat: `--mode=compile --topology=v5e:4x4` (figures:
 docs/results/tpu_compile.md).
 
-Variants: `:mrl_e`, `:ff` (the fixed-feature baseline).
+Variants: `:mrl_e`, `:ff` (the fixed-feature baseline), `,light` as in `imagenet_vit_s16.py`.
 """
 import ml_collections
 

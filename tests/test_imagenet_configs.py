@@ -23,6 +23,12 @@ def test_imagenet_config_smoke_on_mock_data(module, nesting, mock_imagenet_dir, 
   config.dataset.data_dir = mock_imagenet_dir
   assert list(config.mrl.nesting_dims) == nesting
   assert config.dataset.name == "imagenet2012" and config.dataset.num_classes == 1000
+  # big_vision's recipe: RandAugment(2, 10) on the host, Mixup 0.2 on device.
+  assert dict(config.input.randaugment) == {"num_layers": 2, "magnitude": 10}
+  assert config.mixup.mixup_alpha == 0.2
+  light = module.get_config("ff,light")
+  assert light.input.randaugment.num_layers == 0 and light.mixup.mixup_alpha == 0
+  assert light.name.endswith("_ff") and light.mrl.mode == "ff"
   # Tiny overrides: a 2-layer, 32-wide ViT at 32 px, 2 steps. The embedding
   # size, nesting, heads, data spec and recipe are the config's own.
   config.model.update(width=32, depth=2, mlp_dim=64, num_heads=2)

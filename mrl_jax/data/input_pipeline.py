@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mrl_jax.data import preprocess
+from mrl_jax.data import randaugment
 
 Batch = dict[str, np.ndarray]
 
@@ -293,6 +294,7 @@ def create_train_loader(
           config.input.get('augment', 'auto'), image_shape
       ),
       crop_padding=config.input.get('crop_padding', 4),
+      randaugment=randaugment_args(config),
   )
   # One global stream for all processes: the split shuffled (a new permutation
   # every epoch: repeat reseeds), cut into global batches; process i reads and
@@ -666,6 +668,16 @@ def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------ batch shapes only --
+
+
+def randaugment_args(config) -> tuple | None:
+  """(num_layers, magnitude, ops) of config.input.randaugment, checked; None if off."""
+  r = config.input.get('randaugment')
+  if not r or not r.get('num_layers', 0):
+    return None
+  ops = tuple(r['ops']) if r.get('ops') else None
+  randaugment.check(r['num_layers'], r.get('magnitude', 10), ops)
+  return (int(r['num_layers']), float(r.get('magnitude', 10)), ops)
 
 
 def _image_shape(config, channels: int, *, train: bool = False) -> tuple[int, int, int]:

@@ -23,6 +23,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mrl_jax.data import randaugment as randaugment_lib
+
 # Images whose longer side is at most this are "small" (MNIST, CIFAR, SVHN...):
 # they are trained with pad-and-crop + flip and evaluated at full view. Larger
 # images (ImageNet-like) get Inception crops and a resize + central crop eval.
@@ -300,6 +302,8 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
 
   augment: str = 'crop_flip'
   crop_padding: int = 4
+  # (num_layers, magnitude[, ops]): RandAugment after the crop and flip, on uint8.
+  randaugment: tuple | None = None
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator):
     image = _as_hwc(element[self.image_key])
@@ -320,6 +324,8 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
       image = eval_image(image, self.image_size, self.small)
     else:
       raise ValueError(f'Unresolved augmentation {self.augment!r}.')
+    if self.randaugment:
+      image = randaugment_lib.randaugment(image, rng, *self.randaugment)
     return self.output(image, element)
 
   def batchable(self, image_shape: Sequence[int | None] | None) -> bool:
@@ -330,7 +336,8 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
     augmented with a handful of vectorised numpy ops instead of one Python
     call per example (which capped the CPU demo's input at ~4k img/s).
     """
-    if not self.small or self.augment not in ('crop_flip', 'flip', 'none'):
+    if (not self.small or self.augment not in ('crop_flip', 'flip', 'none')
+        or self.randaugment):
       return False
     if image_shape is None or None in tuple(image_shape):
       return False
