@@ -45,3 +45,10 @@ def test_knn_benchmark_prints_ratios_and_agreement():
   for line in lines[:2]:
     assert "ours / faiss" in line and "top-k agreement at d 100.00%" in line, line
   assert "funnel / exact time" in lines[2] and "MFLOPs" in lines[2], lines[2]
+
+
+def test_randaugment_benchmark_prints_both_rates_and_the_ratio():
+  out = _run("randaugment.py", "--num_images=6", "--reps=1")
+  rates = re.findall(r"^(base|randaug)\s+([\d.]+) img/s\s+([\d.]+) CPU-ms/img$", out, re.M)
+  assert [r[0] for r in rates] == ["base", "randaug"], out
+  assert re.search(r"^randaug / base throughput: [\d.]+$", out, re.M), out
