@@ -126,3 +126,14 @@ def test_bad_resnet_configs(fake_dataset_dir, model, message):
   config.model = model
   with pytest.raises(ValueError, match=message):
     models.check_variant(config)
+
+
+def test_fashion_mnist_resnet_config_is_consistent():
+  from configs import fashion_mnist_resnet  # pylint: disable=g-import-not-at-top
+  for arg in ("mrl", "ff", "mrl,smoke"):
+    config = fashion_mnist_resnet.get_config(arg)
+    models.check_variant(config)
+    train.check_optimizer(config)
+    d = models.embedding_size(config)
+    assert d == config.mrl.nesting_dims[-1] == (32 if "smoke" in arg else 64)
+    matryoshka.validate_nesting(config.mrl.nesting_dims, None, d)
