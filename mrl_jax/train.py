@@ -60,6 +60,7 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
     tasks.check_contrastive_config(config)
   mixup.check_config(config, contrastive=tasks.is_contrastive(config))
   input_pipeline.randaugment_args(config)  # raises on a bad op or magnitude
+  input_pipeline.random_erasing_prob(config)
   ff_dim = config.mrl.get("ff_dim") or nesting[-1]
   head_dims = matryoshka.head_dims(mode, nesting, ff_dim)
   if mode == "ff":

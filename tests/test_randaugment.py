@@ -67,3 +67,20 @@ def test_randaugment_layers_and_determinism():
 def test_bad_randaugment_configs(args, message):
   with pytest.raises(ValueError, match=message):
     ra.check(*args)
+
+
+def test_random_erasing_fills_one_box_with_the_given_probability():
+  from mrl_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  image = np.full((40, 50, 3), 7, np.uint8)
+  erased = [preprocess.random_erasing(image, np.random.default_rng(s), 0.5) for s in range(200)]
+  changed = [np.any(e != 7, axis=-1) for e in erased]
+  share = np.mean([c.any() for c in changed])
+  assert 0.4 < share < 0.6
+  for c, e in zip(changed, erased):
+    assert e.dtype == np.uint8 and e.shape == image.shape
+    if c.any():
+      ys, xs = np.nonzero(c)
+      box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+      assert 0.01 * c.size < box <= c.size / 3 + 60  # within timm's area range (rounding)
+  np.testing.assert_array_equal(preprocess.random_erasing(image, np.random.default_rng(0), 0.0),
+                                image)

@@ -295,6 +295,7 @@ def create_train_loader(
       ),
       crop_padding=config.input.get('crop_padding', 4),
       randaugment=randaugment_args(config),
+      random_erasing=random_erasing_prob(config),
   )
   # One global stream for all processes: the split shuffled (a new permutation
   # every epoch: repeat reseeds), cut into global batches; process i reads and
@@ -678,6 +679,14 @@ def randaugment_args(config) -> tuple | None:
   ops = tuple(r['ops']) if r.get('ops') else None
   randaugment.check(r['num_layers'], r.get('magnitude', 10), ops)
   return (int(r['num_layers']), float(r.get('magnitude', 10)), ops)
+
+
+def random_erasing_prob(config) -> float:
+  p = config.input.get('random_erasing', 0.0) or 0.0
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+    raise ValueError(f'config.input.random_erasing={p!r} must be a probability in [0, 1] '
+                     '(DeiT: 0.25).')
+  return float(p)
 
 
 def _image_shape(config, channels: int, *, train: bool = False) -> tuple[int, int, int]:

@@ -76,6 +76,33 @@ def pad_and_random_crop(
   return padded[top : top + height, left : left + width]
 
 
+def random_erasing(image: np.ndarray, rng: np.random.Generator, prob: float,
+                   min_area: float = 0.02, max_area: float = 1 / 3,
+                   min_aspect: float = 0.3) -> np.ndarray:
+  """timm's RandomErasing (mode 'pixel', one box), on uint8.
+
+  With probability `prob`, a box of a uniform share in [min_area, max_area]
+  of the image and a log-uniform aspect ratio in [min_aspect, 1 / min_aspect]
+  is filled with uniform random pixels (timm draws normal values in
+  normalised space; uniform uint8 is the same idea before normalisation).
+  Up to 10 tries to fit the box, as timm.
+  """
+  if rng.random() >= prob:
+    return image
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = rng.uniform(min_area, max_area) * h * w
+    aspect = math.exp(rng.uniform(math.log(min_aspect), -math.log(min_aspect)))
+    eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    if 0 < eh < h and 0 < ew < w:
+      top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+      out = image.copy()
+      out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, image.shape[-1]),
+                                                       dtype=np.uint8)
+      return out
+  return image
+
+
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Mirrors the image left-right with probability 1/2."""
   if rng.random() < 0.5:
@@ -304,6 +331,7 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
   crop_padding: int = 4
   # (num_layers, magnitude[, ops]): RandAugment after the crop and flip, on uint8.
   randaugment: tuple | None = None
+  random_erasing: float = 0.0  # probability (timm's RandomErasing, after RandAugment)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator):
     image = _as_hwc(element[self.image_key])
@@ -326,6 +354,8 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
       raise ValueError(f'Unresolved augmentation {self.augment!r}.')
     if self.randaugment:
       image = randaugment_lib.randaugment(image, rng, *self.randaugment)
+    if self.random_erasing:
+      image = random_erasing(image, rng, self.random_erasing)
     return self.output(image, element)
 
   def batchable(self, image_shape: Sequence[int | None] | None) -> bool:
@@ -337,7 +367,7 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
     call per example (which capped the CPU demo's input at ~4k img/s).
     """
     if (not self.small or self.augment not in ('crop_flip', 'flip', 'none')
-        or self.randaugment):
+        or self.randaugment or self.random_erasing):
       return False
     if image_shape is None or None in tuple(image_shape):
       return False
