@@ -126,16 +126,24 @@ class ClassificationTask(_Task):
   def apply(self, params, rest, images, *, train: bool):
     return self.model(params, rest)(images, train=train)  # (logits [M, B, C], aux)
 
+  def _train_call(self, model, images, rng):
+    if rng is not None and self.config.model.get("drop_path", 0.0):
+      return model(images, train=True, rng=rng)
+    return model(images, train=True)
+
   def embed_images(self, params, rest, images):
     """(logits [M, B, C], embedding [B, d]) of eval images."""
     logits, aux = self.apply(params, rest, images, train=False)
     return logits, aux["embedding"]
 
-  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict, Any]]:
-    """(loss, (per-dim loss [M], extra metrics, running-statistics updates))."""
+  def loss(self, params, rest, batch, rng=None
+           ) -> tuple[jax.Array, tuple[jax.Array, dict, Any]]:
+    """(loss, (per-dim loss [M], extra metrics, running-statistics updates)).
+
+    `rng`: this (micro)batch's key for stochastic depth."""
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
-    logits, _ = model(batch["image"], train=True)
+    logits, _ = self._train_call(model, batch["image"], rng)
     per_dim = matryoshka.softmax_ce_per_dim(
         logits, batch["label"], label_smoothing=self.config.mrl.get("label_smoothing", 0.0))
     return jnp.sum(weights * per_dim), (per_dim, {}, nnx.state(model, nnx.BatchStat))
@@ -163,7 +171,9 @@ class ContrastiveTask(_Task):
   def embed_texts(self, params, rest, ids):
     return self.model(params, rest).embed_texts(ids, train=False)
 
-  def loss(self, params, rest, batch) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any], Any]]:
+  def loss(self, params, rest, batch, rng=None
+           ) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any], Any]]:
+    del rng  # no stochastic layers in the dual encoder's towers
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
     _, aux = model(batch["image"], batch["text"], train=True)

@@ -214,23 +214,25 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
   accum = config.get("grad_accum_steps", 1)
 
-  def accumulated_grads(params, rest, batch):
+  def accumulated_grads(params, rest, batch, rng):
     """Mean loss and gradient over `accum` microbatches, one at a time."""
     if accum == 1:
-      return grad_fn(params, rest, batch)
+      return grad_fn(params, rest, batch, rng)
     micro = jax.tree.map(lambda x: _microbatches(x, accum), batch)
 
-    def add(carry, microbatch):
-      out = grad_fn(params, rest, microbatch)
+    def add(carry, xs):
+      microbatch, i = xs
+      out = grad_fn(params, rest, microbatch, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, out), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro)))
-    total, _ = jax.lax.scan(add, zeros, micro)
+        grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro), rng))
+    total, _ = jax.lax.scan(add, zeros, (micro, jnp.arange(accum)))
     return jax.tree.map(lambda x: x / accum, total)
 
   mix = mixup.enabled(config)
   mix_key = jax.random.fold_in(jax.random.key(config.seed), 0x6D6978)  # "mix"
+  drop_key = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)  # "drop"
 
   @functools.partial(jax.jit, donate_argnums=0,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
@@ -239,7 +241,7 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
       batch = mixup.mix_train_batch(config, jax.random.fold_in(mix_key, state["step"]),
                                     batch, config.dataset.num_classes)
     (loss, (per_dim, extra, stats)), grads = accumulated_grads(
-        state["params"], state["rest"], batch)
+        state["params"], state["rest"], batch, jax.random.fold_in(drop_key, state["step"]))
     # BatchNorm's running averages (the mean over microbatches with accumulation).
     rest = task.updated_rest(state["params"], state["rest"], stats)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -14,21 +14,29 @@ from mrl_jax import train
 from mrl_jax.data import input_pipeline
 
 
-@pytest.mark.parametrize("module, nesting", [
-    (imagenet_vit_s16, [6, 12, 24, 48, 96, 192, 384]),
-    (imagenet_vit_b16, [12, 24, 48, 96, 192, 384, 768]),
+@pytest.mark.parametrize("module, arg, nesting", [
+    (imagenet_vit_s16, "mrl", [6, 12, 24, 48, 96, 192, 384]),
+    # DeiT's recipe: also stochastic depth, random erasing and CutMix in the run.
+    (imagenet_vit_b16, "mrl,deit", [12, 24, 48, 96, 192, 384, 768]),
 ])
-def test_imagenet_config_smoke_on_mock_data(module, nesting, mock_imagenet_dir, tmp_path):
-  config = module.get_config()
+def test_imagenet_config_smoke_on_mock_data(module, arg, nesting, mock_imagenet_dir,
+                                            tmp_path):
+  config = module.get_config(arg)
   config.dataset.data_dir = mock_imagenet_dir
   assert list(config.mrl.nesting_dims) == nesting
   assert config.dataset.name == "imagenet2012" and config.dataset.num_classes == 1000
   # big_vision's recipe: RandAugment(2, 10) on the host, Mixup 0.2 on device.
-  assert dict(config.input.randaugment) == {"num_layers": 2, "magnitude": 10}
-  assert config.mixup.mixup_alpha == 0.2
+  base = module.get_config()
+  assert dict(base.input.randaugment) == {"num_layers": 2, "magnitude": 10}
+  assert base.mixup.mixup_alpha == 0.2
   light = module.get_config("ff,light")
   assert light.input.randaugment.num_layers == 0 and light.mixup.mixup_alpha == 0
   assert light.name.endswith("_ff") and light.mrl.mode == "ff"
+  if module is imagenet_vit_b16:
+    deit = module.get_config("mrl,deit")
+    assert (deit.model.drop_path, deit.input.random_erasing, deit.mixup.cutmix_alpha) == (
+        0.1, 0.25, 1.0)
+    train.check_optimizer(deit)
   # Tiny overrides: a 2-layer, 32-wide ViT at 32 px, 2 steps. The embedding
   # size, nesting, heads, data spec and recipe are the config's own.
   config.model.update(width=32, depth=2, mlp_dim=64, num_heads=2)

@@ -259,3 +259,32 @@ def test_remat_changes_memory_not_results(scan_layers):
   remat = loss_and_grads(_tiny(scan_layers=scan_layers, remat=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                plain, remat)
+
+
+def test_drop_path_drops_whole_examples_at_its_rate():
+  y = jnp.ones((4000, 3, 2))
+  out = np.asarray(vit.drop_path(y, 0.25, jax.random.key(0)))
+  kept = out[:, 0, 0] > 0
+  assert abs(kept.mean() - 0.75) < 0.03
+  np.testing.assert_allclose(out[kept], 1 / 0.75, rtol=1e-6)  # the expectation is kept
+  assert np.all(out[~kept] == 0) and np.all(out == out[:, :1, :1])
+
+
+def test_stochastic_depth_in_training_only_and_the_same_scanned_or_looped():
+  scanned = _tiny(scan_layers=True, drop_path=0.5)
+  looped = _tiny(drop_path=0.5)
+  stacked = nnx.state(scanned.blocks, nnx.Param)
+  for i, block in enumerate(looped.blocks):
+    nnx.update(block, jax.tree.map(lambda x: x[i], stacked))
+  for name in ("embedding", "encoder_norm", "representation", "head"):
+    nnx.update(getattr(looped, name), nnx.state(getattr(scanned, name)))
+  images = _images(b=16)
+  train = nnx.jit(lambda m, x, k: m(x, train=True, rng=k)[1]["embedding"])
+  a, b = train(scanned, images, jax.random.key(1)), train(looped, images, jax.random.key(1))
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # same keys, same drops
+  assert not np.allclose(a, train(scanned, images, jax.random.key(2)))
+  # Evaluation and key-less calls run every block.
+  plain = _tiny(scan_layers=True)
+  nnx.update(plain, nnx.state(scanned))
+  ev = lambda m: nnx.jit(lambda m, x: m(x)[1]["embedding"])(m, images)  # noqa: E731
+  np.testing.assert_allclose(ev(scanned), ev(plain), rtol=1e-6)

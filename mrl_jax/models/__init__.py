@@ -33,13 +33,21 @@ def _vit(config, *, num_classes, head, channels, dtype, rngs, m=None,
       channels=channels, pool_type=m.get("pool_type", "gap"),
       posemb=m.get("posemb", "learn"),
       representation_size=representation_size or m.get("representation_size"),
-      head=head, dropout=m.get("dropout", 0.0), dtype=dtype,
+      head=head, dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0),
+      dtype=dtype,
       remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
       rngs=rngs)
 
 
 def _check_vit(config, m=None, where="config.model"):
   m = config.model if m is None else m
+  rate = m.get("drop_path", 0.0)
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    raise ValueError(f"{where}.drop_path={rate!r} must be in [0, 1) (stochastic depth "
+                     "of the last block; DeiT-B: 0.1).")
+  if rate and where != "config.model":
+    raise ValueError(f"{where}.drop_path={rate!r}: stochastic depth is implemented for "
+                     "classification ViTs only so far.")
   if m.get("variant") is not None:
     vit.decode_variant(m.variant)
   for field, allowed in (("pool_type", vit.POOL_TYPES), ("posemb", vit.POSEMB_TYPES)):

@@ -128,12 +128,18 @@ class Encoder1DBlock(nnx.Module):
                         param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
-  def __call__(self, x, mask=None, *, train: bool):  # [B, N, width] -> same
+  def __call__(self, x, mask=None, *, train: bool, drop=None):  # [B, N, width] -> same
+    """`drop` = (rate, key): stochastic depth of both residual branches."""
     y = self.attn(self.norm1(x),
                   mask=None if mask is None else mask[:, None, None, :])
-    x = x + self.dropout(y, deterministic=not train)
-    y = self.mlp(self.norm2(x), train=train)
-    return x + self.dropout(y, deterministic=not train)
+    y = self.dropout(y, deterministic=not train)
+    if drop is not None:
+      y = drop_path(y, drop[0], jax.random.fold_in(drop[1], 0))
+    x = x + y
+    y = self.dropout(self.mlp(self.norm2(x), train=train), deterministic=not train)
+    if drop is not None:
+      y = drop_path(y, drop[0], jax.random.fold_in(drop[1], 1))
+    return x + y
 
 
 def stack_blocks(make_block, depth: int, *, scan_layers: bool, rngs: nnx.Rngs):
@@ -148,21 +154,31 @@ def stack_blocks(make_block, depth: int, *, scan_layers: bool, rngs: nnx.Rngs):
 
 
 def run_blocks(x, blocks, apply_block, *, remat: bool, scan_layers: bool,
-               broadcast: tuple = ()):
-  """x <- apply_block(x, block, *broadcast) for each block of `stack_blocks`.
+               broadcast: tuple = (), per_layer: tuple = ()):
+  """x <- apply_block(x, block, *broadcast, *per_layer[:, i]) for each block i
+  of `stack_blocks`; `per_layer` arrays have a leading axis of size depth.
 
   remat recomputes each block's activations in the backward pass.
   """
   if remat:
     apply_block = nnx.remat(apply_block)
   if scan_layers:
-    return nnx.scan(apply_block, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast),
+    return nnx.scan(apply_block,
+                    in_axes=(nnx.Carry, 0) + (None,) * len(broadcast) + (0,) * len(per_layer),
                     out_axes=nnx.Carry,
                     transform_metadata={nnx.PARTITION_NAME: "layers"}
-                    )(x, blocks, *broadcast)
-  for block in blocks:
-    x = apply_block(x, block, *broadcast)
+                    )(x, blocks, *broadcast, *per_layer)
+  for i, block in enumerate(blocks):
+    x = apply_block(x, block, *broadcast, *(a[i] for a in per_layer))
   return x
+
+
+def drop_path(y, rate, key):
+  """Stochastic depth: each example's residual branch `y` [B, ...] is dropped
+  with probability `rate` and scaled by 1 / (1 - rate) otherwise."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+  return jnp.where(mask, y / jnp.maximum(keep, 1e-6).astype(y.dtype), jnp.zeros_like(y))
 
 
 class ViT(nnx.Module):
@@ -188,7 +204,7 @@ class ViT(nnx.Module):
                pool_type: str = "gap", posemb: str = "learn",
                representation_size: int | None,
                head: nnx.Module | None = None, dropout: float = 0.0,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               drop_path: float = 0.0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                remat: bool = False, scan_layers: bool = False,
                rngs: nnx.Rngs):
     arch = decode_variant(variant) if variant is not None else {}
@@ -239,6 +255,7 @@ class ViT(nnx.Module):
                            **_axes(None, None, "embed"))
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
     self.remat, self.scan_layers = remat, scan_layers
+    self.drop_path = drop_path
     make_block = lambda rngs: Encoder1DBlock(
         width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -256,7 +273,8 @@ class ViT(nnx.Module):
           bias_metadata=_axes(None))
     self.head = nnx.data(head)
 
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, rng=None):
+    """`rng`: a key for stochastic depth in training (config.model.drop_path)."""
     x = self.embedding(images.astype(self.dtype))  # [B, h, w, width]
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
@@ -274,11 +292,22 @@ class ViT(nnx.Module):
     # activations); a no-op outside a mesh.
     x = sharding.constrain_batch(x)
 
-    def apply_block(x, block):
-      return sharding.constrain_batch(block(x, train=train))
+    if train and self.drop_path and rng is not None:
+      # DeiT's rule: rates rising linearly from 0 at the first block.
+      rates = jnp.linspace(0.0, self.drop_path, self.depth)
+      keys = jax.random.split(rng, self.depth)
 
+      def apply_block(x, block, rate, key):
+        return sharding.constrain_batch(block(x, train=train, drop=(rate, key)))
+
+      per_layer = (rates, keys)
+    else:
+      def apply_block(x, block):
+        return sharding.constrain_batch(block(x, train=train))
+
+      per_layer = ()
     x = run_blocks(x, self.blocks, apply_block, remat=self.remat,
-                   scan_layers=self.scan_layers)
+                   scan_layers=self.scan_layers, per_layer=per_layer)
     x = self.encoder_norm(x)
 
     pre_logits = x.mean(axis=1) if self.pool_type == "gap" else x[:, 0]  # [B, width]
