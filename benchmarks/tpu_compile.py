@@ -1,7 +1,7 @@
 r"""What the shipped configs cost on real TPU slices, from programs compiled by libtpu.
 
   python benchmarks/tpu_compile.py [--out=docs/results/tpu_compile.md] [--update_readme]
-  python benchmarks/tpu_compile.py --only=loss     # one part: mrl, align, loss, configs
+  python benchmarks/tpu_compile.py --only=loss     # one part: mrl, resnet, align, loss, configs
 
 No TPU needed: every figure is per device, from `mrl_jax.compile` (the buffer
 assignment of the compiled executable, FLOPs counted as its report says).
@@ -9,6 +9,7 @@ Parts, each printed side by side:
 
   mrl     ViT-B/16 train step at 224 px, global batch 1024, v5e:4x4: MRL vs FF
           vs MRL-E (FLOPs and peak memory; MRL's "no extra cost").
+  resnet  The same for configs/imagenet_resnet50.py (192 px, its largest crop).
   align   configs/align_vit_b16_bert_base.py at its global batch on the slice
           its docstring names: the first of (data parallel, + remat, + FSDP)
           that fits.
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from configs import align_vit_b16_bert_base  # noqa: E402
 from configs import fashion_mnist_align  # noqa: E402
 from configs import fashion_mnist_vit  # noqa: E402
+from configs import imagenet_resnet50  # noqa: E402
 from configs import imagenet_vit_b16  # noqa: E402
 from configs import imagenet_vit_s16  # noqa: E402
 from mrl_jax import compile as compile_lib  # noqa: E402
@@ -84,10 +86,10 @@ def table(header, rows) -> str:
                     *map(line, rows)])
 
 
-def part_mrl() -> str:
+def part_mrl(get_config=None, what="ViT-B/16 train step, 224 px") -> str:
   rows, base = [], None
   for mode in ("ff", "mrl", "mrl_e"):
-    config = imagenet_vit_b16.get_config(mode)
+    config = (get_config or imagenet_vit_b16.get_config)(mode)
     config.evals = {}  # the train step only
     step = compile_config(config, "v5e:4x4")["programs"]["train_step"]
     base = base or step
@@ -96,8 +98,13 @@ def part_mrl() -> str:
                  f"{step['peak_bytes'] / GB:.2f}",
                  f"{step['peak_bytes'] / base['peak_bytes']:.4f}",
                  f"{1e3 * step['step_time_lower_bound_s']:.1f}", step["flops_method"]))
-  return ("ViT-B/16 train step, 224 px, global batch 1024, v5e:4x4 (16 chips), per device:\n\n"
+  return (f"{what}, global batch 1024, v5e:4x4 (16 chips), per device:\n\n"
           + table(("mode", "TFLOP", "÷ FF", "peak GB", "÷ FF", "bound ms", "flops by"), rows))
+
+
+def part_resnet() -> str:
+  """The same for the MRL paper's ResNet-50 (its largest training crop, 192 px)."""
+  return part_mrl(imagenet_resnet50.get_config, "ResNet-50 train step, 192 px")
 
 
 # The slice configs/align_vit_b16_bert_base.py's docstring names, and half of it.
@@ -190,6 +197,7 @@ def part_loss(batch=16_384, d=768, topology="v5e:4x4") -> str:
 CONFIGS = (
     ("configs/fashion_mnist_vit.py", fashion_mnist_vit.get_config, ("v5e:1x1", "v5e:2x2")),
     ("configs/fashion_mnist_align.py", fashion_mnist_align.get_config, ("v5e:1x1", "v5e:2x2")),
+    ("configs/imagenet_resnet50.py", imagenet_resnet50.get_config, ("v5e:4x4",)),
     ("configs/imagenet_vit_s16.py", imagenet_vit_s16.get_config, ("v5e:2x2", "v5e:4x4")),
     ("configs/imagenet_vit_b16.py", imagenet_vit_b16.get_config, ("v5e:4x4", "v4:2x2x4")),
     ("configs/align_vit_b16_bert_base.py", align_vit_b16_bert_base.get_config,
@@ -213,7 +221,8 @@ def part_configs() -> str:
                    "GFLOP", "bound ms"), rows))
 
 
-PARTS = {"mrl": part_mrl, "align": part_align, "loss": part_loss, "configs": part_configs}
+PARTS = {"mrl": part_mrl, "resnet": part_resnet, "align": part_align, "loss": part_loss,
+         "configs": part_configs}
 
 
 def main():
