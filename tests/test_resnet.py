@@ -137,3 +137,14 @@ def test_fashion_mnist_resnet_config_is_consistent():
     d = models.embedding_size(config)
     assert d == config.mrl.nesting_dims[-1] == (32 if "smoke" in arg else 64)
     matryoshka.validate_nesting(config.mrl.nesting_dims, None, d)
+
+
+def test_zero_init_last_bn_makes_each_residual_branch_start_at_zero():
+  model = resnet.ResNet(depth=18, width=4, channels=1, stem="small", zero_init_last_bn=True,
+                        rngs=nnx.Rngs(0))
+  for block in model.blocks:
+    last = block.conv2 if isinstance(block, resnet.BasicBlock) else block.conv3
+    assert np.all(np.asarray(last.bn.scale[...]) == 0)
+    assert np.all(np.asarray(block.conv1.bn.scale[...]) == 1)
+  deep = resnet.ResNet(depth=50, width=4, channels=3, zero_init_last_bn=True, rngs=nnx.Rngs(0))
+  assert all(np.all(np.asarray(b.conv3.bn.scale[...]) == 0) for b in deep.blocks)
