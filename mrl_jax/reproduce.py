@@ -251,7 +251,10 @@ def summarize(config, runs, *, hardware=None, total_seconds=None) -> dict[str, A
   summary = {
       "config": _base_name(config),
       "dataset": config.dataset.name,
-      "model": {"name": config.model.name, "variant": config.model.get("variant"),
+      "model": {"name": config.model.name,
+                "variant": config.model.get("variant") or (
+                    f"{config.model.depth}, width {config.model.get('width', 64)}"
+                    if config.model.name == "resnet" else None),
                 "representation_size": config.model.get("representation_size")},
       "nesting_dims": nesting,
       "dims": dims,

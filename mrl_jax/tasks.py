@@ -127,7 +127,8 @@ class ClassificationTask(_Task):
     return self.model(params, rest)(images, train=train)  # (logits [M, B, C], aux)
 
   def _train_call(self, model, images, rng):
-    if rng is not None and self.config.model.get("drop_path", 0.0):
+    m = self.config.model
+    if rng is not None and (m.get("drop_path", 0.0) or m.get("dropout", 0.0)):
       return model(images, train=True, rng=rng)
     return model(images, train=True)
 

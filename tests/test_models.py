@@ -288,3 +288,15 @@ def test_stochastic_depth_in_training_only_and_the_same_scanned_or_looped():
   nnx.update(plain, nnx.state(scanned))
   ev = lambda m: nnx.jit(lambda m, x: m(x)[1]["embedding"])(m, images)  # noqa: E731
   np.testing.assert_allclose(ev(scanned), ev(plain), rtol=1e-6)
+
+
+def test_dropout_draws_from_the_step_key():
+  """With a key per step (the trainer's), dropout masks change from step to step."""
+  model = _tiny(dropout=0.3)
+  images = _images(b=8)
+  train = nnx.jit(lambda m, x, k: m(x, train=True, rng=k)[1]["embedding"])
+  a, b = train(model, images, jax.random.key(1)), train(model, images, jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, train(model, images, jax.random.key(2)))
+  ev = nnx.jit(lambda m, x: m(x)[1]["embedding"])
+  np.testing.assert_array_equal(ev(model, images), ev(model, images))

@@ -88,9 +88,9 @@ class MlpBlock(nnx.Module):
                           bias_metadata=_axes("embed"), **dense)
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
-  def __call__(self, x, *, train: bool):  # [B, N, width] -> same
+  def __call__(self, x, *, train: bool, key=None):  # [B, N, width] -> same
     x = jax.nn.gelu(self.fc1(x))
-    x = self.dropout(x, deterministic=not train)
+    x = self.dropout(x, deterministic=not train, rngs=key)
     return self.fc2(x)
 
 
@@ -129,16 +129,19 @@ class Encoder1DBlock(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
   def __call__(self, x, mask=None, *, train: bool, drop=None):  # [B, N, width] -> same
-    """`drop` = (rate, key): stochastic depth of both residual branches."""
+    """`drop` = (rate, key): this step's key for dropout, and stochastic depth
+    of both residual branches at `rate`."""
+    keys = [None] * 5 if drop is None else list(jax.random.split(drop[1], 5))
     y = self.attn(self.norm1(x),
                   mask=None if mask is None else mask[:, None, None, :])
-    y = self.dropout(y, deterministic=not train)
+    y = self.dropout(y, deterministic=not train, rngs=keys[0])
     if drop is not None:
-      y = drop_path(y, drop[0], jax.random.fold_in(drop[1], 0))
+      y = drop_path(y, drop[0], keys[1])
     x = x + y
-    y = self.dropout(self.mlp(self.norm2(x), train=train), deterministic=not train)
+    y = self.mlp(self.norm2(x), train=train, key=keys[2])
+    y = self.dropout(y, deterministic=not train, rngs=keys[3])
     if drop is not None:
-      y = drop_path(y, drop[0], jax.random.fold_in(drop[1], 1))
+      y = drop_path(y, drop[0], keys[4])
     return x + y
 
 
@@ -255,7 +258,7 @@ class ViT(nnx.Module):
                            **_axes(None, None, "embed"))
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
     self.remat, self.scan_layers = remat, scan_layers
-    self.drop_path = drop_path
+    self.drop_path, self.dropout_rate = drop_path, dropout
     make_block = lambda rngs: Encoder1DBlock(
         width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -274,7 +277,8 @@ class ViT(nnx.Module):
     self.head = nnx.data(head)
 
   def __call__(self, images, *, train: bool = False, rng=None):
-    """`rng`: a key for stochastic depth in training (config.model.drop_path)."""
+    """`rng`: this step's key for dropout and stochastic depth in training
+    (without one, dropout draws from the model's own RNG state)."""
     x = self.embedding(images.astype(self.dtype))  # [B, h, w, width]
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
@@ -287,13 +291,16 @@ class ViT(nnx.Module):
       # The class token gets no position embedding, as in big_vision.
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, c))
       x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + h*w, width]
-    x = self.dropout(x, deterministic=not train)
+    stochastic = train and rng is not None and (self.drop_path or self.dropout_rate)
+    x = self.dropout(x, deterministic=not train,
+                     rngs=jax.random.fold_in(rng, self.depth) if stochastic else None)
     # Activations stay split along the batch (FSDP all-gathers weights, never
     # activations); a no-op outside a mesh.
     x = sharding.constrain_batch(x)
 
-    if train and self.drop_path and rng is not None:
-      # DeiT's rule: rates rising linearly from 0 at the first block.
+    if stochastic:
+      # A key per block and step; DeiT's stochastic-depth rates rising
+      # linearly from 0 at the first block.
       rates = jnp.linspace(0.0, self.drop_path, self.depth)
       keys = jax.random.split(rng, self.depth)
 
