@@ -15,14 +15,9 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
 
-die() { echo "error: $*" >&2; exit 2; }
-need() { [[ $DRY_RUN == 1 ]] || command -v "$1" >/dev/null || die "$1 not found on PATH: run this on a SLURM login node (SLURM's client commands: sbatch, squeue, scancel)."; }
-run() {
-  if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi
-}
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
-}
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
+SLURM_HELP="run this on a SLURM login node (SLURM's client commands: sbatch, squeue, scancel)."
 
 [[ $# -gt 0 ]] || { usage; exit 2; }
 [[ $1 != -h && $1 != --help ]] || { usage; exit 0; }
@@ -55,7 +50,7 @@ case "$COMMAND" in
     for a in "${TRAINER_ARGS[@]}"; do [[ $a != --workdir=* ]] || workdir="${a#--workdir=}"; done
     [[ -n $workdir ]] || die "the trainer needs --workdir=... on storage every node mounts (or gs://)."
     [[ $workdir == /* || $workdir == gs://* ]] || die "--workdir=$workdir: give an absolute path on shared storage (or gs://), the same on every node."
-    need sbatch
+    need sbatch "$SLURM_HELP"
     tasks=1
     [[ $PER_GPU == 0 ]] || tasks="$GPUS"
     opts=("--nodes=$NODES" "--ntasks-per-node=$tasks" "--gpus-per-node=$GPUS")
@@ -66,12 +61,12 @@ case "$COMMAND" in
     run sbatch "${opts[@]}" "--export=ALL,MRL_JAX_DIR=$REPO" "$SBATCH_FILE" "${TRAINER_ARGS[@]}"
     ;;
   status)
-    need squeue
+    need squeue "$SLURM_HELP"
     run squeue --me --name=mrl_jax "${POSITIONAL[@]/#/--jobs=}"
     ;;
   cancel)
     [[ ${#POSITIONAL[@]} == 1 ]] || die "cancel needs one JOBID"
-    need scancel
+    need scancel "$SLURM_HELP"
     run scancel --signal=TERM --full "${POSITIONAL[0]}"
     ;;
   *) die "unknown subcommand '$COMMAND': submit, status or cancel" ;;

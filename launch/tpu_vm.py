@@ -187,6 +187,15 @@ class Gcloud:
     if any(codes):
       raise LaunchError(f"gcloud exited {codes} on the slices {self.nodes}")
 
+  def coordinator_ip(self) -> str:
+    """Worker 0 of slice 0: where the slices meet (multislice); asked once."""
+    if self._coordinator_ip is None:
+      argv = ["gcloud", "compute", "tpus", "tpu-vm", "describe", self.nodes[0], *self.where(),
+              "--format=value(networkEndpoints[0].ipAddress)"]
+      done = self.call(argv, capture=True)
+      self._coordinator_ip = "IP_OF_SLICE_0_WORKER_0" if done is None else done.stdout.strip()
+    return self._coordinator_ip
+
   def state(self) -> str | None:
     """The queued resource's state (ACTIVE, SUSPENDED, ...), None if it does not exist."""
     argv = self.qr("describe", "--format=value(state.state)")
@@ -493,7 +502,7 @@ def start_run(g: Gcloud) -> None:
     name = "worker-"
     if rec["num_slices"] > 1:
       name = f"slice-{s}-worker-"
-      env.update(MEGASCALE_COORDINATOR_ADDRESS=coordinator_ip(g), MEGASCALE_PORT=str(
+      env.update(MEGASCALE_COORDINATOR_ADDRESS=g.coordinator_ip(), MEGASCALE_PORT=str(
           MEGASCALE_PORT), MEGASCALE_NUM_SLICES=str(rec["num_slices"]),
                  MEGASCALE_SLICE_ID=str(s))
     script = run_script(run["trainer_args"], run["workdir"], name, env,
@@ -503,16 +512,6 @@ def start_run(g: Gcloud) -> None:
     log(rec["name"], "run: python -m mrl_jax.main "
         + shlex.join([f"--workdir={run['workdir']}", *run["trainer_args"]]))
   g.parallel(argvs)
-
-
-def coordinator_ip(g: Gcloud) -> str:
-  """Worker 0 of slice 0: where the slices meet (multislice)."""
-  argv = ["gcloud", "compute", "tpus", "tpu-vm", "describe", g.nodes[0], *g.where(),
-          "--format=value(networkEndpoints[0].ipAddress)"]
-  if g._coordinator_ip is None:  # pylint: disable=protected-access
-    done = g.call(argv, capture=True)
-    g._coordinator_ip = "IP_OF_SLICE_0_WORKER_0" if done is None else done.stdout.strip()
-  return g._coordinator_ip  # pylint: disable=protected-access
 
 
 def worker_states(g: Gcloud) -> list[str] | None:

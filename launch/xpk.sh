@@ -22,25 +22,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
 
-die() { echo "error: $*" >&2; exit 2; }
-
-need() {  # need TOOL HOW-TO-INSTALL
-  [[ $DRY_RUN == 1 ]] || command -v "$1" >/dev/null ||
-    die "$1 not found on PATH: $2"
-}
-
-run() {  # prints the command in a dry run, runs it otherwise
-  if [[ $DRY_RUN == 1 ]]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
-
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
-}
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
 
 [[ $# -gt 0 ]] || { usage; exit 2; }
 [[ $1 != -h && $1 != --help ]] || { usage; exit 0; }

@@ -7,10 +7,9 @@ from flax import nnx
 
 from mrl_jax import matryoshka
 from mrl_jax import models
-from mrl_jax import sharding
-from mrl_jax import tasks
 from mrl_jax import train
 from mrl_jax.models import resnet
+from tests.test_sharding import run_steps
 from tests.test_train import small_config
 
 # torchvision.models.resnetN(num_classes=1000): total parameters, and the
@@ -68,36 +67,14 @@ def _resnet_config(data_dir):
   config = small_config(data_dir)
   config.model = dict(name="resnet", depth=18, width=4, stem="small", dtype="float32")
   config.mrl.nesting_dims = [8, 16, 32]  # ResNet-18 of width 4: 32-d pooled feature
-  config.model = config.model  # ml_collections: a dict field becomes a ConfigDict
   return config
-
-
-def _run(config, mesh_shape, devices=None, steps=4):
-  """The trainer's own step on `mesh_shape`: losses and the final state."""
-  config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
-  mesh = sharding.create_mesh(config.mesh, devices)
-  facts = train.check_config(config, mesh)
-  task = tasks.get_task(config, facts)
-  tx = train.build_optimizer(config, steps)
-  init_fn = lambda: task.init_state(tx)
-  _, shardings = train.abstract_train_state(init_fn, mesh)
-  step = train.make_train_step(config, facts, task, tx, mesh, shardings)
-  batches = iter(train.input_pipeline.create_train_loader(config))
-  losses = []
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_fn, out_shardings=shardings)()
-    for _ in range(steps):
-      batch = train.input_pipeline.make_global_batch(
-          next(batches), sharding.batch_sharding(mesh))
-      state, metrics = step(state, batch)
-      losses.append(float(metrics["loss"]))
-  return np.array(losses), jax.device_get(state), task
 
 
 def test_sharded_batchnorm_equals_one_device_and_eval_uses_running_averages(fake_dataset_dir):
   """8 devices (2 data x 4 FSDP) follow one device: BN sees the global batch."""
-  one, state, task = _run(_resnet_config(fake_dataset_dir), (1, 1, 1), jax.devices()[:1])
-  eight, state8, _ = _run(_resnet_config(fake_dataset_dir), (2, 4, 1))
+  one, state, task = run_steps(_resnet_config(fake_dataset_dir), (1, 1, 1),
+                               jax.devices()[:1], steps=4)
+  eight, state8, _ = run_steps(_resnet_config(fake_dataset_dir), (2, 4, 1), steps=4)
   np.testing.assert_allclose(eight, one, rtol=2e-5)
   stats = jax.tree.leaves(nnx.to_pure_dict(state["rest"]))
   stats8 = jax.tree.leaves(nnx.to_pure_dict(state8["rest"]))

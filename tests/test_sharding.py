@@ -58,11 +58,11 @@ def test_constrain_batch_is_noop_without_mesh():
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]
 
 
-def _losses(data_dir, mesh, devices=None, steps=20):
-  """Losses of `steps` train steps on `mesh`: the trainer's own init, step
-  and input pipeline (checkpointing and logging, tested elsewhere, left out)."""
-  config = small_config(data_dir)
-  config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh))
+def run_steps(config, mesh_shape, devices=None, steps=20):
+  """`steps` train steps of `config` on `mesh_shape`: the trainer's own init, step
+  and input pipeline (checkpointing and logging, tested elsewhere, left out).
+  Returns (losses, final state on the host, task)."""
+  config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
   mesh = sharding.create_mesh(config.mesh, devices)
   facts = train.check_config(config, mesh)
   task = tasks.get_task(config, facts)
@@ -79,7 +79,11 @@ def _losses(data_dir, mesh, devices=None, steps=20):
           next(batches), sharding.batch_sharding(mesh))
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
-  return np.array(losses)
+  return np.array(losses), jax.device_get(state), task
+
+
+def _losses(data_dir, mesh, devices=None, steps=20):
+  return run_steps(small_config(data_dir), mesh, devices, steps)[0]
 
 
 def test_meshes_give_the_single_device_trajectory(fake_dataset_dir):
