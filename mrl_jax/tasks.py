@@ -126,11 +126,6 @@ class ClassificationTask(_Task):
   def apply(self, params, rest, images, *, train: bool):
     return self.model(params, rest)(images, train=train)  # (logits [M, B, C], aux)
 
-  def _train_call(self, model, images, rng):
-    m = self.config.model
-    if rng is not None and (m.get("drop_path", 0.0) or m.get("dropout", 0.0)):
-      return model(images, train=True, rng=rng)
-    return model(images, train=True)
 
   def embed_images(self, params, rest, images):
     """(logits [M, B, C], embedding [B, d]) of eval images."""
@@ -141,10 +136,11 @@ class ClassificationTask(_Task):
            ) -> tuple[jax.Array, tuple[jax.Array, dict, Any]]:
     """(loss, (per-dim loss [M], extra metrics, running-statistics updates)).
 
-    `rng`: this (micro)batch's key for stochastic depth."""
+    `rng`: this (micro)batch's key for the model's stochastic layers (dropout,
+    stochastic depth); models without any ignore it."""
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
-    logits, _ = self._train_call(model, batch["image"], rng)
+    logits, _ = model(batch["image"], train=True, rng=rng)
     per_dim = matryoshka.softmax_ce_per_dim(
         logits, batch["label"], label_smoothing=self.config.mrl.get("label_smoothing", 0.0))
     return jnp.sum(weights * per_dim), (per_dim, {}, nnx.state(model, nnx.BatchStat))

@@ -206,7 +206,8 @@ class ResNet(nnx.Module):
                                        bias_metadata=_axes(None), **kw)
     self.head = nnx.data(head)
 
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, rng=None):
+    del rng  # no stochastic layers (the classification task passes a key to every model)
     x = sharding.constrain_batch(images.astype(self.dtype))
     x = jax.nn.relu(self.stem(x, train=train))
     if self.stem_kind == "imagenet":
