@@ -325,7 +325,7 @@ def test_auto_resume_recovers_exactly_once_per_preemption(cloud, tmp_path):
   create(env, "--spot")
   launch(env, "setup", "--name=mrl", f"--repo={repo}")
   done = launch(env, "run", "--name=mrl", "--workdir=gs://b/run", "--auto_resume",
-                "--poll_seconds=0.2", "--log_sync_seconds=0.1", "--",
+                "--poll_seconds=0.05", "--log_sync_seconds=0.1", "--",
                 "--config=configs/x.py", WEIRD_OVERRIDE)
   assert qr_verbs(tmp).count("create") == 3 and qr_verbs(tmp).count("delete") == 2
   scp = [a for a in launch_fakes.calls(tmp, "gcloud") if a[3:4] == ["scp"]]
@@ -356,7 +356,7 @@ def test_auto_resume_gives_up_after_max_retries(cloud, tmp_path):
   create(env, "--spot")
   launch(env, "setup", "--name=mrl", f"--repo={repo}")
   done = launch(env, "run", "--name=mrl", "--workdir=gs://b/run", "--auto_resume",
-                "--max_retries=1", "--poll_seconds=0.2", "--", "--config=c.py", check=False)
+                "--max_retries=1", "--poll_seconds=0.05", "--", "--config=c.py", check=False)
   assert done.returncode == 1
   assert qr_verbs(tmp).count("create") == 2
   assert "after 1 recoveries: giving up" in done.stderr.splitlines()[-1]
