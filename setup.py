@@ -22,6 +22,8 @@ setuptools.setup(
         "numpy>=1.26",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11,<0.13",
+        "safetensors>=0.4",  # timm / Hugging Face checkpoints (mrl_jax.pretrained)
+        "scipy>=1.11",  # position-embedding resampling, as big_vision
         "tensorboard>=2.15",
         "tensorflow-cpu>=2.16",  # TFDS builds datasets through tf; JAX never imports it
         "tensorflow-datasets>=4.9.7",

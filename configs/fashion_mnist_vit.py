@@ -10,7 +10,22 @@ top-1 through the trained heads ~89.3 % at every dim of 8 / 16 / 32 / 64,
 README (`make demo`).
 
 Variants: `--config=configs/fashion_mnist_vit.py:mrl_e` or `:ff` select the
-head; `:smoke` shrinks everything for a seconds-long check.
+head; `:nest2` nests from 2 dims, (2, 4, 8, 16, 32, 64), where truncation
+hurts; `:smoke` shrinks everything for a seconds-long check.
+
+`:finetune` turns a trained fixed-feature run into an MRL one (nested from 2
+dims): it loads that run's encoder *and* its 64-d representation layer
+(`dont_load` re-initialises only the head), trains the new MRL heads at the
+full learning rate and the rest at 0.1x (`config.optimizer.lr_mults`) for 2
+epochs, and adds a linear probe on every prefix (`type='baseline'`,
+`methods=['prefix']`, which `:nest2` adds too). The FF run is given on the command line:
+
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py:ff,nest2 \
+      --workdir=workdir/ft/ff --config.num_epochs=5
+  python -m mrl_jax.main --config=configs/fashion_mnist_vit.py:finetune \
+      --workdir=workdir/ft/ff_to_mrl --config.model.init.path=workdir/ft/ff
+
+Results: docs/results/README.md ("Fine-tuning a fixed-feature model into MRL").
 """
 import ml_collections
 
@@ -18,6 +33,7 @@ import ml_collections
 def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   args = set(filter(None, arg.split(",")))
   mode = ({"mrl", "mrl_e", "ff"} & args or {"mrl"}).pop()
+  finetune = "finetune" in args
 
   config = ml_collections.ConfigDict()
   config.name = f"fashion_mnist_vit_{mode}"
@@ -53,10 +69,18 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.model.posemb = "sincos2d"
   config.model.representation_size = 64
   config.model.dtype = "float32"
+  # A pretrained start (applied once, at a fresh start; see the README's
+  # "Pretrained checkpoints"): path, format ('big_vision' | 'timm' |
+  # 'hf_bert' | 'mrl_jax'), dont_load (regexes; default: head, representation).
+  config.model.init = ml_collections.ConfigDict(dict(
+      path=ml_collections.config_dict.placeholder(str),
+      format="mrl_jax",
+      dont_load=ml_collections.config_dict.placeholder(tuple)))
 
   config.mrl = ml_collections.ConfigDict()
   config.mrl.mode = mode
-  config.mrl.nesting_dims = (8, 16, 32, 64)
+  config.mrl.nesting_dims = (2, 4, 8, 16, 32, 64) if {"nest2", "finetune"} & args else (
+      8, 16, 32, 64)
   config.mrl.weights = ml_collections.config_dict.placeholder(tuple)  # all 1
   config.mrl.ff_dim = ml_collections.config_dict.placeholder(int)  # ff: = last dim
   config.mrl.label_smoothing = 0.1
@@ -71,6 +95,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   # The loss is a sum over nesting dims, so gradients are larger than for one
   # head; clipping at 1.0 measurably slowed training here.
   config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  # ((regex over parameter names, LR multiplier), ...): first match wins, 0 freezes.
+  config.optimizer.lr_mults = ml_collections.config_dict.placeholder(tuple)
 
   config.batch_size = 128
   config.eval_batch_size = 1000
@@ -88,6 +114,16 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   config.evals.linear = dict(type="linear")
   config.evals.knn = dict(type="knn", k=[1])
+
+  if finetune:
+    config.name = "fashion_mnist_vit_ff_to_mrl"
+    config.model.init.dont_load = (r"^head(/|$)",)  # keep the representation layer
+    config.optimizer.lr_mults = ((r"^head/", 1.0), (r".", 0.1))
+    config.optimizer.warmup_steps = 100
+    config.num_epochs = 2
+
+  if {"nest2", "finetune"} & args:  # a linear probe on each prefix (for FF: "FF truncated")
+    config.evals.prefix = dict(type="baseline", methods=["prefix"], probes=["linear"])
 
   if "smoke" in args:
     config.model.variant = "Mu/7"

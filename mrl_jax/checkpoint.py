@@ -71,23 +71,27 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def path_name(path) -> str:
+  """A tree path as 'blocks/0/mlp/fc1/kernel' (an nnx Variable's trailing
+  'value' dropped): the names regex-keyed policies and importers match."""
+  names = [_key_name(k) for k in path]
+  if names and names[-1] == "value":
+    names = names[:-1]
+  return "/".join(names)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
   """{'params/blocks/0/mlp/fc1/kernel': leaf} for arrays and metadata alike.
 
   nnx Variables contribute a trailing 'value' key that the saved tree spells
   the same way, so live states and checkpoint metadata compare directly.
   """
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in path]
-    if names and names[-1] == "value":
-      names = names[:-1]
-    out["/".join(names)] = leaf
-  return out
+  return {path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {p: tuple(getattr(leaf, "shape", ())) for p, leaf in _flat(tree).items()}
+  return {p: tuple(getattr(leaf, "shape", ())) for p, leaf in flatten(tree).items()}
 
 
 # ----------------------------------------------------------------------------
@@ -124,7 +128,7 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 @jax.jit
 def _summary(tree):
   """(fingerprints {path: [2] uint32}, all values finite) in one program."""
-  flat = _flat(tree)
+  flat = flatten(tree)
   finite = jnp.array(True)
   for x in flat.values():
     if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -412,8 +416,12 @@ class Checkpointer:
         logging.warning("%s is a symlink to %s, which does not exist; it is not a "
                         "checkpoint and is ignored.", entry, os.readlink(entry))
 
+  def saved_tree(self, step: int) -> Any:
+    """The tree of the state saved at `step`, with array metadata (shape, dtype) as leaves."""
+    return self._manager.item_metadata(step)["state"].tree
+
   def _check_metadata(self, step: int, abstract_state: Any, partial: bool) -> None:
-    saved = _flat_shapes(self._manager.item_metadata(step)["state"].tree)
+    saved = _flat_shapes(self.saved_tree(step))
     if partial:  # compare the entries asked for only
       saved = {p: v for p, v in saved.items() if p.split("/")[0] in abstract_state}
     self._check_compatible(step, saved, abstract_state)

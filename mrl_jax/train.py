@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from mrl_jax import evaluate
 from mrl_jax import matryoshka
 from mrl_jax import mixup
 from mrl_jax import models
+from mrl_jax import pretrained
 from mrl_jax import sharding
 from mrl_jax import tasks
 from mrl_jax import workdir as workdir_lib
@@ -81,6 +83,7 @@ def check_config(config: ml_collections.ConfigDict, mesh, *,
         f"{shards} data shards (batch_size % (grad_accum_steps * {shards}) == 0); "
         "e.g. --config.grad_accum_steps=1.")
   check_optimizer(config)
+  pretrained.check_config(config)
   info = dataset or prepare.check_config(config)
   models.check_variant(config)
   num_train = info.num_examples[config.dataset.train_split]
@@ -137,6 +140,16 @@ def check_optimizer(config) -> None:
     v = oc.get(field, 0.9)
     if not number(v) or not 0 <= v < 1:
       raise bad(field, "must be in [0, 1)", f"e.g. --config.optimizer.{field}=0.9")
+  for rule in oc.get("lr_mults") or ():
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or not number(rule[1]) or rule[1] < 0):
+      raise bad("lr_mults", f"has {rule!r}, not a (regex, multiplier >= 0) pair",
+                "e.g. (('^(head|representation)/', 1.0), ('.*', 0.1)): the first "
+                "matching regex wins, 0 freezes")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise bad("lr_mults", f"has a bad regex {rule[0]!r} ({e})", "fix the regex") from e
 
 
 def num_train_steps(config, num_train_examples: int) -> int:
@@ -156,6 +169,30 @@ def num_train_steps(config, num_train_examples: int) -> int:
 def _decay_mask(params):
   # No weight decay on biases, norms' scales and other vectors (standard).
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def lr_multipliers(rules, params):
+  """A tree like `params` of each parameter's learning-rate multiplier: the
+  first (regex, multiplier) of `rules` whose regex matches its name
+  ('blocks/0/attn/query/kernel'), else 1."""
+  compiled = [(re.compile(r), float(m)) for r, m in rules]
+
+  def mult(path, _):
+    name = checkpoint_lib.path_name(path)
+    return next((m for r, m in compiled if r.search(name)), 1.0)
+
+  return jax.tree_util.tree_map_with_path(mult, params)
+
+
+def _scale_by_lr_mults(rules) -> optax.GradientTransformation:
+  """Multiplies each parameter's update (the learning rate times whatever the
+  optimizer made of it, decoupled weight decay included) by its multiplier."""
+  def update(updates, state, params=None):
+    del params
+    mults = lr_multipliers(rules, updates)
+    return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def build_schedule(config, total_steps: int) -> optax.Schedule:
@@ -197,6 +234,8 @@ def build_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     opt = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
   else:
     check_optimizer(config)  # raises
+  if oc.get("lr_mults"):
+    opt = optax.chain(opt, _scale_by_lr_mults(oc.lr_mults))
   if oc.get("grad_clip_norm"):
     opt = optax.chain(optax.clip_by_global_norm(oc.grad_clip_norm), opt)
   return opt
@@ -313,8 +352,12 @@ def _train(config, workdir: epath.Path, s: Setup, total_steps: int,
   latest, state = ckpt.restore_latest(abstract_state, train_iter)
   if latest is not None:
     logging.info("Resuming from step %d", latest)
+    if pretrained.init_specs(config):
+      logging.warning("config.model.init is not applied: resuming from the checkpoint of "
+                      "step %d, which wins (init only starts a fresh run).", latest)
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()
+    state = pretrained.init_train_state(config, state, tx)
   start_step = int(state["step"])
   # The config is recorded only now that the checkpoint is known to fit it.
   if is_main:

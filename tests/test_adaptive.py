@@ -230,6 +230,21 @@ def test_random_features_nest():
   np.testing.assert_array_equal(proj(x, 3), x[:, proj.columns[:3]])
 
 
+def test_prefix_baseline_is_truncation():
+  x = np.arange(30, dtype=np.float32).reshape(3, 10)
+  proj = baselines.make_projection(x, [2, 5], "prefix")
+  np.testing.assert_array_equal(proj(x, 2), x[:, :2])
+  # The linear probe on the first m coordinates sees only those: blobs that
+  # differ only in coordinate 3 are separable at 4 dims, not at 2.
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 400)
+  emb = rng.normal(size=(400, 6)).astype(np.float32)
+  emb[:, 3] += 8 * y
+  data = {"embedding": emb, "label": y}
+  top1 = baselines.baseline_linear(data, data, [2, 4], "prefix")
+  assert top1[4] > 0.99 and top1[2] < 0.65, top1
+
+
 def test_baselines_on_separable_blobs():
   rng = np.random.default_rng(0)
   centers = 4 * rng.normal(size=(3, 8))
@@ -239,7 +254,7 @@ def test_baselines_on_separable_blobs():
     return {"embedding": (centers[y] + rng.normal(size=(n, 8))).astype(np.float32), "label": y}
 
   train, eval_ = split(300), split(100)
-  for method in ("svd", "random"):
+  for method in ("svd", "random", "prefix"):
     lin = baselines.baseline_linear(train, eval_, [4, 8], method)
     assert set(lin) == {4, 8} and lin[8] > 0.9, (method, lin)
   near = baselines.baseline_knn(train, eval_, [2, 8], "svd")

@@ -270,10 +270,15 @@ def test_run_status_logs_stop_delete_on_every_worker(cloud, tmp_path):
                             "--workdir=gs://b/run", "--auto_resume", "--poll_seconds=0.1", "--",
                             "--config=configs/x.py"], env=env, text=True,
                            stderr=subprocess.PIPE)
-  time.sleep(0.5)
+  time.sleep(0.5)  # the watch finds the trainers running before they are stopped
   logs = launch(env, "logs", "--name=mrl", "--worker=2").stdout
   assert "trainer output" in logs
-  assert "trainer output" in (tmp / "gcs" / "b" / "run" / "logs" / "worker-2.log").read_text()
+  # The workers copy their log to the workdir every --log_sync_seconds.
+  synced = tmp / "gcs" / "b" / "run" / "logs" / "worker-2.log"
+  t0 = time.monotonic()
+  while not (synced.exists() and "trainer output" in synced.read_text()):
+    assert time.monotonic() - t0 < 30, "the log never reached the workdir"
+    time.sleep(0.1)
   launch(env, "stop", "--name=mrl")
   assert wait_for_exit(homes) == [143] * 4  # SIGTERM reached each trainer
   # (the real trainer exits 0 once saved; this one is killed by the signal)

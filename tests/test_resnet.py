@@ -29,7 +29,7 @@ def test_parameter_counts_equal_torchvision(depth):
   model = nnx.eval_shape(lambda: resnet.ResNet(depth=depth, channels=3, rngs=nnx.Rngs(0)))
   assert _count(model) == total - fc
   if depth == 50:  # with a fixed-feature head on the 2048-d feature: torchvision's model
-    assert model.features == 2048
+    assert model.num_features == 2048
     head = nnx.eval_shape(lambda: matryoshka.make_head("ff", [2048], 1000,
                                                        rngs=nnx.Rngs(0)))
     assert _count(model) + _count(head) == 25_557_032

@@ -10,6 +10,9 @@ model trained only at the full size d:
   in float64) serves every m: dim m is the first m coordinates in that basis.
 * 'random': a random subset of m coordinates; the subsets are the prefixes of
   one fixed permutation, so they nest like MRL's.
+* 'prefix': the first m coordinates as they are, i.e. the embedding truncated
+  the way an MRL embedding is used. For an FF model this is "FF truncated";
+  for an MRL model it probes its own prefixes (1-NN on them is `knn_top1`).
 
 Both are `Projection`s: `proj(x, m)` maps [n, d] embeddings to [n, m] and
 `proj(x, m)` is a prefix of `proj(x, m')` for m < m'. The evaluators take the
@@ -33,7 +36,8 @@ import optax
 from mrl_jax.evaluators import base
 from mrl_jax.evaluators import knn
 
-METHODS = ("svd", "random")
+METHODS = ("svd", "random", "prefix")
+DEFAULT_METHODS = ("svd", "random")  # the paper's two
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,9 @@ def make_projection(train_emb, dims: Sequence[int], method: str, *, seed: int = 
     return svd_project(train_emb, dims, center=center)
   if method == "random":
     return random_features(np.shape(train_emb)[1], dims, seed)
+  if method == "prefix":
+    d = np.shape(train_emb)[1]
+    return Projection(columns=np.arange(knn._check_dims(dims, d)[-1]))  # pylint: disable=protected-access
   raise ValueError(f"baseline method={method!r} must be one of {list(METHODS)}.")
 
 
@@ -174,7 +181,7 @@ class Baseline(base.Evaluator):
   """svd_/random_ x linear_/knn_top1: SVD (PCA) and random-feature projections
   of *this* model's full embedding.
 
-  Options: methods=['svd', 'random'], probes=['linear', 'knn'], dims (default
+  Options: methods=['svd', 'random'] (or 'prefix' too), probes=['linear', 'knn'], dims (default
   the nesting dims), seed=0, center=True, steps=100, l2=1e-4. The MRL paper
   applies them to the embedding of the full-dim FF model (`mrl.mode='ff'`);
   `python -m mrl_jax.reproduce` runs this evaluator on that model.
@@ -184,7 +191,7 @@ class Baseline(base.Evaluator):
 
   def __init__(self, options, context, field):
     super().__init__(options, context, field)
-    methods = options.get("methods", list(METHODS))
+    methods = options.get("methods", list(DEFAULT_METHODS))
     methods = [methods] if isinstance(methods, str) else list(methods)
     if not methods or any(m not in METHODS for m in methods):
       raise ValueError(f"{field}.methods={methods!r} must be a non-empty list of "

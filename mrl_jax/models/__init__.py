@@ -34,6 +34,8 @@ def _vit(config, *, num_classes, head, channels, dtype, rngs, m=None,
       posemb=m.get("posemb", "learn"),
       representation_size=representation_size or m.get("representation_size"),
       head=head, dropout=m.get("dropout", 0.0), drop_path=m.get("drop_path", 0.0),
+      mlp_activation=m.get("mlp_activation", "gelu_tanh"),
+      layernorm_eps=m.get("layernorm_eps", 1e-6), final_norm=m.get("final_norm", "tokens"),
       dtype=dtype,
       remat=m.get("remat", False), scan_layers=m.get("scan_layers", False),
       rngs=rngs)
@@ -50,7 +52,9 @@ def _check_vit(config, m=None, where="config.model"):
                      "classification ViTs only so far.")
   if m.get("variant") is not None:
     vit.decode_variant(m.variant)
-  for field, allowed in (("pool_type", vit.POOL_TYPES), ("posemb", vit.POSEMB_TYPES)):
+  for field, allowed in (("pool_type", vit.POOL_TYPES), ("posemb", vit.POSEMB_TYPES),
+                         ("mlp_activation", tuple(vit.MLP_ACTIVATIONS)),
+                         ("final_norm", vit.FINAL_NORMS)):
     if field in m and m[field] not in allowed:
       raise ValueError(f"{where}.{field}={m[field]!r} is not one of {allowed}.")
 
@@ -67,7 +71,10 @@ def _dual_encoder(config, *, num_classes, head, channels, dtype, rngs,
       variant=t.get("variant"), width=t.get("width"), depth=t.get("depth"),
       mlp_dim=t.get("mlp_dim"), num_heads=t.get("num_heads"),
       pool_type=t.get("pool_type", "cls"), representation_size=d,
-      dropout=t.get("dropout", 0.0), dtype=dtype,
+      dropout=t.get("dropout", 0.0), post_ln=t.get("post_ln", False),
+      type_vocab_size=t.get("type_vocab_size", 0),
+      mlp_activation=t.get("mlp_activation", "gelu_tanh"),
+      layernorm_eps=t.get("layernorm_eps", 1e-6), dtype=dtype,
       remat=t.get("remat", False), scan_layers=t.get("scan_layers", False),
       rngs=rngs)
   c = config.get("contrastive", {})
@@ -95,6 +102,10 @@ def _check_dual_encoder(config):
   if pool not in text.POOL_TYPES:
     raise ValueError(f"config.model.text.pool_type={pool!r} is not one of "
                      f"{text.POOL_TYPES}.")
+  act = m.text.get("mlp_activation", "gelu_tanh")
+  if act not in vit.MLP_ACTIVATIONS:
+    raise ValueError(f"config.model.text.mlp_activation={act!r} is not one of "
+                     f"{tuple(vit.MLP_ACTIVATIONS)}.")
   # The vocabulary itself is read (or, by --mode=compile, only sized) with the
   # dataset's facts.
   if "text" not in config or not config.text.get("max_len"):

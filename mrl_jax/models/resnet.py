@@ -198,7 +198,7 @@ class ResNet(nnx.Module):
                                 **kw))
         cin = w * block_cls.expansion
     self.blocks = nnx.List(blocks)
-    self.features = cin
+    self.num_features = cin
     self.representation = nnx.data(None)
     if representation_size is not None:
       self.representation = nnx.Linear(cin, representation_size,
@@ -208,15 +208,20 @@ class ResNet(nnx.Module):
 
   def __call__(self, images, *, train: bool = False, rng=None):
     del rng  # no stochastic layers (the classification task passes a key to every model)
+    pre_logits = self.features(images, train=train)
+    z = pre_logits
+    if self.representation is not None:
+      z = self.representation(pre_logits.astype(self.dtype)).astype(jnp.float32)
+    logits = self.head(z) if self.head is not None else None  # [M, B, C]
+    return logits, {"embedding": z, "pre_logits": pre_logits}
+
+  def features(self, images, *, train: bool = False):
+    """The pooled features [B, num_features] (float32), before the
+    representation layer and the head."""
     x = sharding.constrain_batch(images.astype(self.dtype))
     x = jax.nn.relu(self.stem(x, train=train))
     if self.stem_kind == "imagenet":
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = sharding.constrain_batch(block(x, train=train))
-    pre_logits = x.astype(jnp.float32).mean(axis=(1, 2))  # [B, features]
-    z = pre_logits
-    if self.representation is not None:
-      z = self.representation(pre_logits.astype(self.dtype)).astype(jnp.float32)
-    logits = self.head(z) if self.head is not None else None  # [M, B, C]
-    return logits, {"embedding": z, "pre_logits": pre_logits}
+    return x.astype(jnp.float32).mean(axis=(1, 2))  # [B, num_features]

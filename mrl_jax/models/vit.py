@@ -43,6 +43,13 @@ _VARIANTS = {
 }
 POOL_TYPES = ("gap", "cls")
 POSEMB_TYPES = ("learn", "sincos2d")
+# 'gelu_tanh': the tanh approximation (big_vision, flax); 'gelu_exact': the
+# erf GELU (timm's and BERT's `nn.GELU`). They differ by up to ~1e-3.
+MLP_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+                   "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False)}
+# Where the final LayerNorm goes: on every token before pooling (big_vision,
+# timm's 'token' pool), or on the pooled vector (timm's `fc_norm` for 'avg').
+FINAL_NORMS = ("tokens", "pooled")
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -78,7 +85,8 @@ class MlpBlock(nnx.Module):
   """Dense -> GELU -> Dense, as in the original ViT."""
 
   def __init__(self, width: int, mlp_dim: int, *, dropout: float, dtype,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, activation: str = "gelu_tanh", rngs: nnx.Rngs):
+    self.activation = activation
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                  kernel_init=nnx.initializers.xavier_uniform(),
                  bias_init=nnx.initializers.normal(stddev=1e-6))
@@ -89,7 +97,7 @@ class MlpBlock(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
   def __call__(self, x, *, train: bool, key=None):  # [B, N, width] -> same
-    x = jax.nn.gelu(self.fc1(x))
+    x = MLP_ACTIVATIONS[self.activation](self.fc1(x))
     x = self.dropout(x, deterministic=not train, rngs=key)
     return self.fc2(x)
 
@@ -104,15 +112,18 @@ def _attention(query, key, value, mask=None, **unused):
 
 
 class Encoder1DBlock(nnx.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)); or, with
+  `post_ln` (BERT), LN(x + MHA(x)), then LN(x + MLP(x)).
 
   `mask` [B, N] (bool, True = a real token) keeps attention off padded
   positions; None (images) attends everywhere.
   """
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *,
-               dropout: float, dtype, param_dtype, rngs: nnx.Rngs):
-    norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+               dropout: float, dtype, param_dtype, activation: str = "gelu_tanh",
+               epsilon: float = 1e-6, post_ln: bool = False, rngs: nnx.Rngs):
+    self.post_ln = post_ln
+    norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, epsilon=epsilon,
                 scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
     self.norm1 = nnx.LayerNorm(width, **norm)
     self.attn = nnx.MultiHeadAttention(
@@ -125,24 +136,24 @@ class Encoder1DBlock(nnx.Module):
         out_bias_metadata=_axes("embed"))
     self.norm2 = nnx.LayerNorm(width, **norm)
     self.mlp = MlpBlock(width, mlp_dim, dropout=dropout, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+                        param_dtype=param_dtype, activation=activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
   def __call__(self, x, mask=None, *, train: bool, drop=None):  # [B, N, width] -> same
     """`drop` = (rate, key): this step's key for dropout, and stochastic depth
     of both residual branches at `rate`."""
     keys = [None] * 5 if drop is None else list(jax.random.split(drop[1], 5))
-    y = self.attn(self.norm1(x),
-                  mask=None if mask is None else mask[:, None, None, :])
-    y = self.dropout(y, deterministic=not train, rngs=keys[0])
-    if drop is not None:
-      y = drop_path(y, drop[0], keys[1])
-    x = x + y
-    y = self.mlp(self.norm2(x), train=train, key=keys[2])
-    y = self.dropout(y, deterministic=not train, rngs=keys[3])
-    if drop is not None:
-      y = drop_path(y, drop[0], keys[4])
-    return x + y
+
+    def branch(y, key_drop, key_path):
+      y = self.dropout(y, deterministic=not train, rngs=key_drop)
+      return y if drop is None else drop_path(y, drop[0], key_path)
+
+    mask = None if mask is None else mask[:, None, None, :]
+    if self.post_ln:
+      x = self.norm1(x + branch(self.attn(x, mask=mask), keys[0], keys[1]))
+      return self.norm2(x + branch(self.mlp(x, train=train, key=keys[2]), keys[3], keys[4]))
+    x = x + branch(self.attn(self.norm1(x), mask=mask), keys[0], keys[1])
+    return x + branch(self.mlp(self.norm2(x), train=train, key=keys[2]), keys[3], keys[4])
 
 
 def stack_blocks(make_block, depth: int, *, scan_layers: bool, rngs: nnx.Rngs):
@@ -196,7 +207,9 @@ class ViT(nnx.Module):
   (e.g. bfloat16 for matmuls and activations); params are `param_dtype`.
   `representation_size=None` skips the representation layer: z = pre_logits.
   `num_classes` is recorded for evaluators; the classifier weights live in
-  `head`.
+  `head`. Numerics other libraries use, for their checkpoints
+  (`mrl_jax.pretrained`): `mlp_activation` (`MLP_ACTIVATIONS`), `layernorm_eps`,
+  `final_norm` (`FINAL_NORMS`).
   """
 
   def __init__(self, *, num_classes: int | None = None,
@@ -207,7 +220,9 @@ class ViT(nnx.Module):
                pool_type: str = "gap", posemb: str = "learn",
                representation_size: int | None,
                head: nnx.Module | None = None, dropout: float = 0.0,
-               drop_path: float = 0.0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               drop_path: float = 0.0, mlp_activation: str = "gelu_tanh",
+               layernorm_eps: float = 1e-6, final_norm: str = "tokens",
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                remat: bool = False, scan_layers: bool = False,
                rngs: nnx.Rngs):
     arch = decode_variant(variant) if variant is not None else {}
@@ -224,6 +239,11 @@ class ViT(nnx.Module):
       raise ValueError(f"config.model.pool_type={pool_type!r} is not one of {POOL_TYPES}.")
     if posemb not in POSEMB_TYPES:
       raise ValueError(f"config.model.posemb={posemb!r} is not one of {POSEMB_TYPES}.")
+    if mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"config.model.mlp_activation={mlp_activation!r} is not one of "
+                       f"{tuple(MLP_ACTIVATIONS)}.")
+    if final_norm not in FINAL_NORMS:
+      raise ValueError(f"config.model.final_norm={final_norm!r} is not one of {FINAL_NORMS}.")
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     p = arch["patch_size"]
     if h % p or w % p:
@@ -241,6 +261,7 @@ class ViT(nnx.Module):
     self.width, self.depth, self.patch_size = width, arch["depth"], p
     self.grid = (h // p, w // p)
     self.pool_type, self.posemb_type, self.dtype = pool_type, posemb, dtype
+    self.final_norm = final_norm
     self.representation_size = representation_size
 
     self.embedding = nnx.Conv(
@@ -261,11 +282,12 @@ class ViT(nnx.Module):
     self.drop_path, self.dropout_rate = drop_path, dropout
     make_block = lambda rngs: Encoder1DBlock(
         width, arch["mlp_dim"], arch["num_heads"], dropout=dropout,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dtype=dtype, param_dtype=param_dtype, activation=mlp_activation,
+        epsilon=layernorm_eps, rngs=rngs)
     self.blocks = stack_blocks(make_block, arch["depth"], scan_layers=scan_layers,
                                rngs=rngs)
     self.encoder_norm = nnx.LayerNorm(
-        width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        width, dtype=dtype, param_dtype=param_dtype, rngs=rngs, epsilon=layernorm_eps,
         scale_metadata=_axes("embed"), bias_metadata=_axes("embed"))
     self.representation = nnx.data(None)
     if representation_size is not None:
@@ -279,6 +301,18 @@ class ViT(nnx.Module):
   def __call__(self, images, *, train: bool = False, rng=None):
     """`rng`: this step's key for dropout and stochastic depth in training
     (without one, dropout draws from the model's own RNG state)."""
+    pre_logits = self.features(images, train=train, rng=rng)
+    z = pre_logits
+    if self.representation is not None:
+      z = self.representation(pre_logits)  # [B, d]
+    # Prefix norms and similarities are computed from z: keep it float32.
+    z = z.astype(jnp.float32)
+    logits = self.head(z) if self.head is not None else None  # [M, B, C]
+    return logits, {"embedding": z, "pre_logits": pre_logits}
+
+  def features(self, images, *, train: bool = False, rng=None):
+    """The pooled encoder output [B, width] (big_vision's `pre_logits`),
+    before the representation layer and the head."""
     x = self.embedding(images.astype(self.dtype))  # [B, h, w, width]
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
@@ -315,13 +349,7 @@ class ViT(nnx.Module):
       per_layer = ()
     x = run_blocks(x, self.blocks, apply_block, remat=self.remat,
                    scan_layers=self.scan_layers, per_layer=per_layer)
-    x = self.encoder_norm(x)
-
-    pre_logits = x.mean(axis=1) if self.pool_type == "gap" else x[:, 0]  # [B, width]
-    z = pre_logits
-    if self.representation is not None:
-      z = self.representation(pre_logits)  # [B, d]
-    # Prefix norms and similarities are computed from z: keep it float32.
-    z = z.astype(jnp.float32)
-    logits = self.head(z) if self.head is not None else None  # [M, B, C]
-    return logits, {"embedding": z, "pre_logits": pre_logits}
+    if self.final_norm == "tokens":
+      x = self.encoder_norm(x)
+    pooled = x.mean(axis=1) if self.pool_type == "gap" else x[:, 0]  # [B, width]
+    return self.encoder_norm(pooled) if self.final_norm == "pooled" else pooled
