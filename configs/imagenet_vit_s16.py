@@ -30,13 +30,30 @@ docs/results/tpu_compile.md).
 Variants: `:mrl_e`, `:ff` (the fixed-feature baseline); `,light` (e.g.
 `:ff,light`) drops RandAugment and Mixup (Inception crop + flip only: a few
 points less, a cheaper host pipeline).
+
+`,finetune` (e.g. `:mrl,finetune`) fine-tunes a pretrained ViT into MRL at
+384 px with big_vision's transfer recipe for AugReg checkpoints
+(`configs/transfer.py`: SGD with momentum 0.9, lr 0.03, no weight decay,
+gradient clipping at 1, batch 512, 20k steps with 500 warmup and cosine
+decay, Inception crop + flip, no Mixup; [cls] token, learned position
+embeddings). The checkpoint's position embeddings are resampled to the 24 x
+24 grid; the MRL heads and the representation layer start from scratch.
+Eval crops 384 of the shorter side resized to 384 / 0.875 (big_vision: 448).
+
+  python launch/tpu_vm.py run --name=$TPU --workdir=gs://$BUCKET/vit_b16_ft \
+    --auto_resume -- --config=configs/imagenet_vit_b16.py:mrl,finetune \
+    --config.dataset.data_dir=gs://$BUCKET/tfds \
+    --config.model.init.path=gs://$BUCKET/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz
+
+(any ViT of the same variant in `format` 'big_vision' or 'timm', or another
+run's workdir with `--config.model.init.format=mrl_jax`).
 """
 import ml_collections
 
 
 def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   mode, *options = (arg or "mrl").split(",")
-  light = "light" in options
+  light = "light" in options or "finetune" in options
   config = ml_collections.ConfigDict()
   config.name = f"imagenet_vit_s16_{mode}"
   config.seed = 0
@@ -73,6 +90,11 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.model.dtype = "bfloat16"  # params, optimizer state and loss stay fp32
   config.model.remat = False
   config.model.scan_layers = False
+  # A pretrained start (README, "Pretrained checkpoints"): applied once, at a
+  # fresh start; heads and the representation layer initialised.
+  config.model.init = ml_collections.ConfigDict(dict(
+      path=ml_collections.config_dict.placeholder(str), format="big_vision",
+      dont_load=ml_collections.config_dict.placeholder(tuple)))
 
   config.mrl = ml_collections.ConfigDict()
   config.mrl.mode = mode
@@ -89,6 +111,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 10_000
   config.optimizer.grad_clip_norm = 1.0
+  # ((regex over parameter names, LR multiplier), ...): first match wins, 0 freezes.
+  config.optimizer.lr_mults = ml_collections.config_dict.placeholder(tuple)
 
   config.batch_size = 1024
   config.eval_batch_size = 1024
@@ -113,4 +137,18 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.evals = ml_collections.ConfigDict()
   config.evals.linear = dict(type="linear")
   config.evals.knn = dict(type="knn", k=[1])
+
+  if "finetune" in options:
+    config.name += "_finetune"
+    config.input.image_size = 384
+    config.model.pool_type = "cls"
+    config.model.posemb = "learn"
+    config.optimizer.update(name="sgd", momentum=0.9, nesterov=False, learning_rate=0.03,
+                            weight_decay=0.0,
+                            warmup_steps=500, grad_clip_norm=1.0)
+    config.batch_size = 512
+    config.eval_batch_size = 512
+    config.num_epochs = -1
+    config.num_train_steps = 20_000
+    config.eval_every_steps = 5_000
   return config

@@ -6,17 +6,21 @@ The fixtures in tests/fixtures/pretrained/ were made by the real libraries
 (each folder's README: versions, commands, what the outputs are).
 """
 import json
+import os
 import pathlib
 import re
 import shutil
+import time
 
 from absl import logging
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
+from configs import imagenet_vit_b16
 from mrl_jax import checkpoint as checkpoint_lib
 from mrl_jax import pretrained
 from mrl_jax import train
@@ -111,6 +115,16 @@ def test_hf_bert_reproduces_the_cls_hidden_state(tmp_path):
   assert _max_diff(pretrained.load_encoder(str(folder), "hf_bert")(inputs), expected) < 1e-5
 
 
+def test_save_big_vision_writes_big_vision_names(tmp_path):
+  encoder = pretrained.load_encoder(str(BIG_VISION / "checkpoint.npz"), "big_vision")
+  pretrained.save_big_vision(encoder, str(tmp_path / "again.npz"))
+  theirs, ours = _npz(BIG_VISION / "checkpoint.npz"), _npz(tmp_path / "again.npz")
+  assert set(ours) == {k for k in theirs if not k.startswith("head/")}
+  assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+  with pytest.raises(ValueError, match="not a ViT"):
+    pretrained.save_big_vision({"blocks/0/norm1/scale": np.ones(3)}, str(tmp_path / "x.npz"))
+
+
 def _old_augreg_npz(path):
   """The fixture in the names of the 2021 AugReg files: pre-Linen numbering,
   the posemb inside Transformer/posembed_input, an `opt/target/` prefix."""
@@ -185,7 +199,7 @@ def test_unsupported_timm_options_are_refused(tmp_path):
 # config.model.init: a pretrained start for training.
 # ----------------------------------------------------------------------------
 def test_init_from_a_run_loads_the_backbone_and_lr_mults_freeze_it(
-    tmp_path_factory, fake_dataset_dir, tmp_path, caplog):
+    tmp_path_factory, fake_dataset_dir, tmp_path, caplog, monkeypatch):
   """Another run's encoder starts this one; heads and representation are
   re-initialised; `lr_mults` of 0 keeps the loaded blocks fixed; on resume
   the checkpoint wins."""
@@ -196,7 +210,8 @@ def test_init_from_a_run_loads_the_backbone_and_lr_mults_freeze_it(
   config.num_train_steps = 2
   config.checkpoint_every_steps = 2
   config.evals = {}
-  config.model.init = ml_collections.ConfigDict(dict(path=str(source), format="mrl_jax"))
+  monkeypatch.chdir(source.parent)  # a relative workdir, as on a command line
+  config.model.init = ml_collections.ConfigDict(dict(path="mrl", format="mrl_jax"))
   config.optimizer.lr_mults = ((r"^blocks/", 0.0),)
   with caplog.at_level(logging.INFO):
     train.run(config, str(tmp_path))
@@ -255,3 +270,62 @@ def test_bad_init_and_lr_mults_fail_at_config_check(fake_dataset_dir):
   config.optimizer.lr_mults = (("^blocks/", -1.0),)
   with pytest.raises(ValueError, match=r"lr_mults.*regex, multiplier >= 0"):
     train.setup(config)
+
+
+# ----------------------------------------------------------------------------
+# An AugReg-sized start: big_vision's layout at one size, fine-tuned at another.
+# ----------------------------------------------------------------------------
+def augreg_finetune_step(tmp_path, data_dir, *, variant, from_size, to_size, batch_size):
+  """A random ViT in the AugReg architecture ([cls], learned posemb) at
+  `from_size` px, written as a big_vision .npz, starts one MRL step of
+  `imagenet_vit_b16.py:mrl,finetune` at `to_size` px (posemb resampled)."""
+  src = vit.ViT(variant=variant, image_size=from_size, channels=3, pool_type="cls",
+                posemb="learn", representation_size=None, rngs=nnx.Rngs(1))
+  npz = tmp_path / "augreg.npz"
+  pretrained.save_big_vision(src, str(npz))
+  src = checkpoint_lib.flatten(nnx.state(src, nnx.Param))
+  config = imagenet_vit_b16.get_config("mrl,finetune")
+  config.model.variant = variant
+  config.model.init.path = str(npz)
+  config.dataset.data_dir = data_dir
+  config.input.image_size = to_size
+  config.input.worker_count = config.input.read_threads = 0
+  config.batch_size = config.eval_batch_size = batch_size
+  config.num_train_steps = config.checkpoint_every_steps = 1
+  config.log_every_steps = 1
+  config.evals = {}
+  s = train.setup(config)
+  state = pretrained.init_train_state(config, jax.jit(s.init_fn)(), s.tx)
+  mine = {k: np.asarray(v) for k, v in checkpoint_lib.flatten(state["params"]).items()}
+  grid = to_size // vit.decode_variant(variant)["patch_size"]
+  np.testing.assert_array_equal(mine["pos_embedding"],
+                                pretrained.resample_posemb(src["pos_embedding"], grid))
+  for k in src:
+    if k != "pos_embedding":
+      np.testing.assert_array_equal(mine[k], src[k], err_msg=k)
+  del state
+  train.run(config, str(tmp_path / "run"))
+  (metrics,) = train.MetricsLog.read(tmp_path / "run" / "metrics.jsonl")
+  assert metrics["step"] == 1 and np.isfinite(metrics["loss"]), metrics
+  return metrics
+
+
+def test_augreg_layout_finetunes_at_a_larger_size(tmp_path, mock_imagenet_dir, caplog):
+  with caplog.at_level(logging.INFO):
+    augreg_finetune_step(tmp_path, mock_imagenet_dir, variant="Mu/16", from_size=32,
+                         to_size=48, batch_size=8)
+  # 2 blocks x 16 + patch embedding 2 + posemb + cls + final norm 2; 7 MRL
+  # heads x 2 + the representation layer 2 initialised.
+  assert re.search(r"config.model.init \(.*augreg.npz, big_vision\): loaded 38 of 54 tensors "
+                   r"into the model; initialised: head/linears/0/bias, .*\(\+4 more\); in the "
+                   r"checkpoint but not loaded: none", caplog.text)
+
+
+@pytest.mark.skipif(not os.environ.get("MRL_JAX_SLOW"),
+                    reason="ViT-B/16 at 384 px: minutes on a CPU; set MRL_JAX_SLOW=1")
+def test_augreg_b16_from_224_to_384(tmp_path, mock_imagenet_dir):
+  t0 = time.perf_counter()
+  metrics = augreg_finetune_step(tmp_path, mock_imagenet_dir, variant="B/16", from_size=224,
+                                 to_size=384, batch_size=8)
+  print(f"ViT-B/16 224 -> 384 px, one step of batch 8: loss {metrics['loss']:.4f}, "
+        f"{time.perf_counter() - t0:.0f} s in all")

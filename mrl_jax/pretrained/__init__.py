@@ -36,10 +36,12 @@ config's grid (bilinear, as big_vision).
 from __future__ import annotations
 
 from collections.abc import Mapping
+import io
 import re
 from typing import Any, Sequence
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -133,6 +135,22 @@ def load_encoder(path: str, format: str, *, image_size: int | None = None,  # py
     config["image_size"] = image_size or ckpt.image_size
   encoder.config = config
   return encoder
+
+
+def save_big_vision(source, path: str) -> None:
+  """Writes a ViT as a big_vision `.npz` (what `big_vision.utils.load_params`
+  and `format='big_vision'` read): `source` is a ViT module (one that
+  `load_encoder` returns, or a trained run's `model`) or a flat dict of our
+  names (`read(workdir, 'mrl_jax').arrays`). Heads and the representation
+  layer are not written."""
+  if isinstance(source, nnx.Module):
+    source = checkpoint_lib.flatten(nnx.state(source, nnx.Param))
+  arrays = readers.big_vision_arrays(source)
+  if "embedding/kernel" not in arrays:
+    raise ValueError(f"{sorted(source)[:5]}...: not a ViT (no embedding/kernel).")
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def _flat_shapes(tree) -> dict[str, Any]:

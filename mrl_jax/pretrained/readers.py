@@ -21,8 +21,10 @@ Layouts, theirs -> ours (flax kernels are [in, out]):
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 import io
 import json
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -234,6 +236,29 @@ def read_big_vision(path: str) -> Checkpoint:
   return Checkpoint(arrays, model, tuple(unused), image_size)
 
 
+def big_vision_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Our ViT's flat names (`blocks/0/attn/query/kernel`; the loop layout)
+  -> big_vision's (`Transformer/encoderblock_0/MultiHeadDotProductAttention_0/
+  query/kernel`): what `read_big_vision` reads back. Heads and the
+  representation layer have no big_vision counterpart and are left out."""
+  to_bv = {v: k for k, v in _BV_BLOCK.items()}
+  out = {}
+  for name, value in arrays.items():
+    m = re.fullmatch(r"blocks/(\d+)/(norm1|norm2|mlp/fc1|mlp/fc2|attn/\w+)/(\w+)", name)
+    if m:
+      part = m.group(2)
+      part = (f"MultiHeadDotProductAttention_0/{part[5:]}" if part.startswith("attn/")
+              else to_bv[part])
+      out[f"Transformer/encoderblock_{m.group(1)}/{part}/{m.group(3)}"] = value
+    elif name.startswith("encoder_norm/"):
+      out[f"Transformer/{name}"] = value
+    elif name in ("embedding/kernel", "embedding/bias", "pos_embedding", "cls"):
+      out[name] = value
+    elif name.startswith("blocks/"):
+      raise ValueError(f"{name}: a block tensor big_vision's ViT has no place for.")
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
 # ----------------------------------------------------------------------------
 # timm VisionTransformer (model.safetensors + config.json)
 # ----------------------------------------------------------------------------
@@ -428,7 +453,8 @@ def read_mrl_jax(path: str, tower: str = "image") -> Checkpoint:
   import jax  # pylint: disable=g-import-not-at-top
   from mrl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from mrl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  workdir = epath.Path(path)
+  # Orbax needs absolute paths; remote ones (gs://...) already are.
+  workdir = epath.Path(path if "://" in path else os.path.abspath(path))
   config = workdir_lib.saved_config(workdir) if workdir.is_dir() else None
   if config is None or not (workdir / "checkpoints").exists():
     raise _wrong(path, "mrl_jax", "an mrl_jax run's workdir (config.json + checkpoints/)")
