@@ -44,7 +44,20 @@ without remat, and so does a v5e:8x16 with less headroom; check yours with
 `--mode=compile --topology=v5e:16x16` (figures: docs/results/tpu_compile.md).
 
 Variants: `:ff` (fixed-feature baseline: loss on the full 768 dims only),
-`:sigmoid` (SigLIP loss, t' = log 10, b = -10).
+`:sigmoid` (SigLIP loss, t' = log 10, b = -10), `,pretrained` (e.g.
+`:mrl,pretrained`): both towers start from public checkpoints, as ALIGN-style
+fine-tuning usually does. The image tower takes an AugReg ViT-B/16 `.npz`
+([cls] token, learned position embeddings, big_vision's numerics), the text
+tower a Hugging Face `bert-base-uncased` directory (post-LN blocks,
+token-type embeddings, erf GELU, LayerNorm eps 1e-12; its 512 position
+embeddings cut to `max_len`); the projections to d = 768 start from scratch.
+The tokenizer's vocabulary must be the checkpoint's (`vocab.txt` of that
+directory):
+
+  ... --config=configs/align_vit_b16_bert_base.py:mrl,pretrained \
+    --config.model.image.init.path=gs://$BUCKET/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz \
+    --config.model.text.init.path=gs://$BUCKET/bert-base-uncased \
+    --config.text.vocab_path=gs://$BUCKET/bert-base-uncased/vocab.txt
 """
 import ml_collections
 
@@ -94,6 +107,16 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
       variant="B", pool_type="cls", remat=False, scan_layers=False))
   config.model.representation_size = 768
   config.model.dtype = "bfloat16"
+  # Pretrained starts per tower (README, "Pretrained checkpoints"), applied
+  # once at a fresh start; the projections are initialised.
+  for tower, fmt in (("image", "big_vision"), ("text", "hf_bert")):
+    config.model[tower].init = ml_collections.ConfigDict(dict(
+        path=ml_collections.config_dict.placeholder(str), format=fmt,
+        dont_load=ml_collections.config_dict.placeholder(tuple)))
+  if "pretrained" in args:
+    config.model.image.update(pool_type="cls", posemb="learn")
+    config.model.text.update(post_ln=True, type_vocab_size=2, mlp_activation="gelu_exact",
+                             layernorm_eps=1e-12)
 
   config.mrl = ml_collections.ConfigDict()
   config.mrl.mode = mode
@@ -120,6 +143,8 @@ def get_config(arg: str = "mrl") -> ml_collections.ConfigDict:
   config.optimizer.schedule = "linear"
   config.optimizer.warmup_steps = 10_000
   config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  # ((regex over parameter names, LR multiplier), ...): first match wins, 0 freezes.
+  config.optimizer.lr_mults = ml_collections.config_dict.placeholder(tuple)
 
   config.batch_size = 16384
   config.eval_batch_size = 1024
