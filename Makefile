@@ -58,7 +58,7 @@ reproduce: data
 	$(PY) -m mrl_jax.reproduce --config=$(CONFIG) --workdir=$(REPRO_WORKDIR) $(CONFIG_DATA_FLAG) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdir
