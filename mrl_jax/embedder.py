@@ -111,10 +111,8 @@ class Embedder:
     # As the eval pipeline: small or large protocol by the dataset's image size
     # (by each image's own when the dataset's is unknown here).
     self._small = None if None in shape[:2] else preprocess.is_small_image(shape)
-    mean, std = config.input.get("mean"), config.input.get("std")
     self._transforms = {small: preprocess.EvalTransform(
-        label_key=None, image_size=config.input.image_size, small=small,
-        mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std))
+        label_key=None, image_size=config.input.image_size, small=small)
         for small in (False, True)}
 
   def embed_images(self, images, *, dim: int | None = None, normalize: bool = True,
@@ -151,7 +149,9 @@ class Embedder:
     return export.prepare_rows(emb.reshape(-1, emb.shape[-1]), dim, normalize)
 
   def preprocess_images(self, images) -> np.ndarray:
-    """Raw uint8 images -> the model's input, float32 [N, h, w, C]; float input checked."""
+    """Raw uint8 images -> the eval pipeline's view of them, uint8 [N, h, w, C]
+    (normalised in the embed step, on the device); float input (the model's
+    normalised input) checked and passed on."""
     h, w = preprocess.image_hw(self.config.input.image_size)
     c = self.channels
     if not isinstance(images, (list, tuple)):
@@ -167,7 +167,7 @@ class Embedder:
         raise ValueError(f"images of shape {images.shape}: expected uint8 [N, H, W, {c}]"
                          f"{' or [N, H, W]' if c == 1 else ''} (the run's {c} channel(s)); "
                          "one image: pass images[None].")
-    out = np.zeros((len(images), h, w, c), np.float32)
+    out = np.zeros((len(images), h, w, c), np.uint8)
     for i, image in enumerate(images):
       image = np.asarray(image)
       if image.dtype != np.uint8 or not (image.ndim == 3 and image.shape[-1] == c

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from mrl_jax import contrastive
 from mrl_jax import matryoshka
 from mrl_jax import models
+from mrl_jax.data import preprocess
 
 
 def get_task(config, facts) -> "ClassificationTask | ContrastiveTask":
@@ -94,6 +95,15 @@ class _Task:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
             "opt_state": tx.init(params)}
 
+  def model_images(self, images):
+    """The model's input: uint8 pixels (what the input pipeline sends) become
+    float32 `(x / 255 - mean) / std` here, on the device (config.input.mean /
+    std; [-1, 1] by default); float images are taken as already normalised."""
+    if images.dtype != jnp.uint8:
+      return images
+    return preprocess.normalize(images, self.config.input.get("mean"),
+                                self.config.input.get("std"))
+
   def model(self, params, rest) -> nnx.Module:
     # Fresh variables (copy): a training call may update running statistics
     # inside a transformation, which NNX refuses on variables made outside it.
@@ -124,7 +134,8 @@ class ClassificationTask(_Task):
         channels=facts["dataset"].image_shape[-1], rngs=rngs)
 
   def apply(self, params, rest, images, *, train: bool):
-    return self.model(params, rest)(images, train=train)  # (logits [M, B, C], aux)
+    # (logits [M, B, C], aux)
+    return self.model(params, rest)(self.model_images(images), train=train)
 
 
   def embed_images(self, params, rest, images):
@@ -140,7 +151,7 @@ class ClassificationTask(_Task):
     stochastic depth); models without any ignore it."""
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
-    logits, _ = model(batch["image"], train=True, rng=rng)
+    logits, _ = model(self.model_images(batch["image"]), train=True, rng=rng)
     per_dim = matryoshka.softmax_ce_per_dim(
         logits, batch["label"], label_smoothing=self.config.mrl.get("label_smoothing", 0.0))
     return jnp.sum(weights * per_dim), (per_dim, {}, nnx.state(model, nnx.BatchStat))
@@ -160,10 +171,11 @@ class ContrastiveTask(_Task):
         vocab_size=facts["vocab_size"], nesting_dims=facts["head_dims"])
 
   def apply(self, params, rest, images, text=None, *, train: bool):
-    return self.model(params, rest)(images, text, train=train)
+    return self.model(params, rest)(self.model_images(images), text, train=train)
 
   def embed_images(self, params, rest, images):
-    return None, self.model(params, rest).embed_images(images, train=False)
+    return None, self.model(params, rest).embed_images(self.model_images(images),
+                                                       train=False)
 
   def embed_texts(self, params, rest, ids):
     return self.model(params, rest).embed_texts(ids, train=False)
@@ -173,7 +185,7 @@ class ContrastiveTask(_Task):
     del rng  # no stochastic layers in the dual encoder's towers
     weights = jnp.asarray(self.facts["weights"], jnp.float32)
     model = self.model(params, rest)
-    _, aux = model(batch["image"], batch["text"], train=True)
+    _, aux = model(self.model_images(batch["image"]), batch["text"], train=True)
     loss_params = model.loss_params()
     c = self.config.get("contrastive", {})
     if loss_params["kind"] == "softmax":

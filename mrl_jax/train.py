@@ -277,6 +277,7 @@ def make_train_step(config, facts, task, tx: optax.GradientTransformation,
                      out_shardings=(state_sharding, sharding.replicated(mesh)))
   def train_step(state, batch):
     if mix:  # on the global batch: a function of (seed, step), so resumes are exact
+      batch = dict(batch, image=task.model_images(batch["image"]))  # mixes floats
       batch = mixup.mix_train_batch(config, jax.random.fold_in(mix_key, state["step"]),
                                     batch, config.dataset.num_classes)
     (loss, (per_dim, extra, stats)), grads = accumulated_grads(

@@ -133,9 +133,8 @@ def _index_of_image(caption_data, split):
 
 
 def _rows_to_indices(images, index_of):
-  """Unaugmented normalised images [b, 8, 8, 1] -> example indices."""
-  raw = np.rint((images * 0.5 + 0.5) * 255).astype(np.uint8)
-  return np.asarray([index_of[x.tobytes()] for x in raw])
+  """Unaugmented uint8 images [b, 8, 8, 1] (as batches reach the device) -> example indices."""
+  return np.asarray([index_of[np.asarray(x, np.uint8).tobytes()] for x in images])
 
 
 def _take(iterator, n):

@@ -70,10 +70,9 @@ def _config(data_dir, **input_overrides):
       label_key='label',
       num_classes=NUM_CLASSES,
   )
-  # mean 0 / std 1: output pixels are x / 255, so ids are recoverable.
+  # Batches are uint8 (normalised on the device), so ids are the pixels.
   config.input = dict(
-      image_size=SIDE, augment='none', crop_padding=2, mean=[0.0], std=[1.0],
-      worker_count=0,
+      image_size=SIDE, augment='none', crop_padding=2, worker_count=0,
   )
   config.input.update(input_overrides)
   return config
@@ -81,7 +80,7 @@ def _config(data_dir, **input_overrides):
 
 def _ids(images):
   """Example id of each row; asserts each row is one constant image."""
-  pixels = np.rint(images * 255).astype(np.int64)
+  pixels = np.asarray(images).astype(np.int64)  # uint8 batches: the pixels themselves
   flat = pixels.reshape(len(pixels), -1)
   assert (flat == flat[:, :1]).all()
   return flat[:, 0]
@@ -297,7 +296,7 @@ def test_train_batches_shapes(data_dir):
   batch = next(iter(input_pipeline.create_train_loader(config, process_count=3,
                                                        process_index=1)))
   assert batch['image'].shape == (4, SIDE, SIDE, 1)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8  # normalised on the device
   assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
 
 
@@ -419,7 +418,7 @@ def test_eval_covers_split_exactly_with_padding(data_dir, process_count):
     for b in listed:
       assert b['image'].shape == (local, SIDE, SIDE, 1)
       assert b['label'].shape == b['mask'].shape == (local,)
-      assert b['image'].dtype == np.float32 and b['label'].dtype == np.int32
+      assert b['image'].dtype == np.uint8 and b['label'].dtype == np.int32
       real = b['mask'] == 1
       # Real rows come first; padding rows are all zeros.
       assert not real[np.argmin(real):].any() or real.all()
@@ -525,15 +524,14 @@ def test_crop_flip_transform_only_shifts_and_flips():
   rng = np.random.default_rng(1)
   image = rng.integers(1, 256, (8, 8, 1), np.uint8)
   transform = preprocess.TrainTransform(
-      image_size=8, small=True, augment='crop_flip', crop_padding=2,
-      mean=(0.0,), std=(1.0,))
+      image_size=8, small=True, augment='crop_flip', crop_padding=2)
   flipped = 0
   for seed in range(20):
     out = transform.random_map({'image': image, 'label': 3},
                                np.random.default_rng(seed))
-    assert out['image'].dtype == np.float32 and out['image'].shape == (8, 8, 1)
+    assert out['image'].dtype == np.uint8 and out['image'].shape == (8, 8, 1)
     assert out['label'].dtype == np.int32 and out['label'] == 3
-    pixels = np.rint(out['image'] * 255).astype(np.uint8)
+    pixels = out['image']
     is_flipped = _is_shift(pixels, image[:, ::-1], 2)
     assert is_flipped or _is_shift(pixels, image, 2)
     flipped += is_flipped
@@ -548,12 +546,12 @@ def test_crop_flip_transform_only_shifts_and_flips():
 def test_flip_transform_only_flips():
   image = np.random.default_rng(1).integers(1, 256, (8, 8, 1), np.uint8)
   transform = preprocess.TrainTransform(
-      image_size=8, small=True, augment='flip', mean=(0.0,), std=(1.0,))
+      image_size=8, small=True, augment='flip')
   outs = set()
   for seed in range(20):
     out = transform.random_map({'image': image, 'label': 3},
                                np.random.default_rng(seed))
-    outs.add(np.rint(out['image'] * 255).astype(np.uint8).tobytes())
+    outs.add(out['image'].tobytes())
   assert outs == {image.tobytes(), image[:, ::-1].tobytes()}
 
 
@@ -589,8 +587,7 @@ def test_inception_crop():
   transform = preprocess.TrainTransform(image_size=32, augment='inception_crop')
   out = transform.random_map({'image': image, 'label': 1},
                              np.random.default_rng(0))
-  assert out['image'].shape == (32, 32, 3) and out['image'].dtype == np.float32
-  assert -1.0 <= out['image'].min() and out['image'].max() <= 1.0
+  assert out['image'].shape == (32, 32, 3) and out['image'].dtype == np.uint8
 
 
 def test_resize_and_eval_image():
@@ -617,6 +614,9 @@ def test_normalize():
   assert out.dtype == np.float32
   with pytest.raises(ValueError, match=r'config.input.mean=\[0.5, 0.5, 0.5\]'):
     preprocess.normalize(image, mean=(0.5, 0.5, 0.5), std=(0.5,))
+  # The same function on the device, inside jit (the train and embed steps).
+  on_device = jax.jit(lambda x: preprocess.normalize(x, (0.5, 0.5, 0.0), (0.5, 0.25, 1.0)))
+  np.testing.assert_array_equal(on_device(np.full((1, 1, 3), 255, np.uint8)), out)
 
 
 def test_resolve_augment():

@@ -70,10 +70,11 @@ def test_images_equal_the_exported_embeddings(loaded):
                              raw, atol=1e-6)
   np.testing.assert_allclose(encoder.embed_images(images[..., 0], normalize=False), raw,
                              atol=1e-6)
-  floats = encoder.preprocess_images(list(images))
-  assert floats.dtype == np.float32 and floats.shape == (64, 8, 8, 1)
-  np.testing.assert_array_equal(floats, np.stack([
-      preprocess.normalize(preprocess.eval_image(x, 8, True)) for x in images]))
+  views = encoder.preprocess_images(list(images))
+  assert views.dtype == np.uint8 and views.shape == (64, 8, 8, 1)
+  np.testing.assert_array_equal(views, np.stack([preprocess.eval_image(x, 8, True)
+                                                 for x in images]))
+  floats = preprocess.normalize(views)  # what the embed step computes on the device
   np.testing.assert_allclose(encoder.embed_images(floats, normalize=False), raw, atol=1e-6)
   assert encoder.embed_images(images[:0]).shape == (0, 16)
 

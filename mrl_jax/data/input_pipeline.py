@@ -171,15 +171,14 @@ def _preprocess_options(config, source) -> dict[str, Any]:
   """Transform fields shared by train and eval, from config + dataset info."""
   image_key = config.dataset.get('image_key', 'image')
   image_shape = source.dataset_info.features[image_key].shape
-  mean = config.input.get('mean')
-  std = config.input.get('std')
+  # Applied on the device (tasks._Task.model_images); checked here, at setup.
+  preprocess.check_mean_std(config.input.get('mean'), config.input.get('std'),
+                            image_shape[-1] if len(image_shape) == 3 else 1)
   return dict(
       image_key=image_key,
       label_key=config.dataset.get('label_key', 'label'),
       image_size=config.input.image_size,
       small=preprocess.is_small_image(image_shape),
-      mean=None if mean is None else tuple(mean),
-      std=None if std is None else tuple(std),
   )
 
 
@@ -275,7 +274,7 @@ def create_train_loader(
     seed: overrides config.input.shuffle_seed / config.seed.
 
   Returns:
-    A `grain.IterDataset`; `iter()` of it yields {'image': float32
+    A `grain.IterDataset`; `iter()` of it yields {'image': uint8
     [b, H, W, C], 'label': int32 [b]} with b = config.batch_size //
     process_count, and has `get_state()` / `set_state()`.
   """
@@ -600,7 +599,7 @@ class EvalBatches:
 
   def _pad(self, images: list[np.ndarray], labels: list[np.int32]) -> Batch:
     n = len(images)
-    image = np.zeros((self.batch_size, *self.image_shape), np.float32)
+    image = np.zeros((self.batch_size, *self.image_shape), np.uint8)
     label = np.zeros((self.batch_size,), np.int32)
     mask = np.zeros((self.batch_size,), np.int32)
     if n:
@@ -632,7 +631,7 @@ def create_eval_iterator(
       the first config.text.eval_captions captions of each example.
 
   Returns:
-    An iterable of {'image': float32 [b, H, W, C], 'label': int32 [b],
+    An iterable of {'image': uint8 [b, H, W, C], 'label': int32 [b],
     'mask': int32 [b]} (mask 1 = real example, 0 = padding), plus 'text'
     int32 [b, K, L] and 'text_mask' int32 [b, K] with text; `len()` is the
     number of batches, the same on every process.
@@ -759,7 +758,7 @@ def train_batch_spec(config, channels: int) -> dict[str, tuple[tuple[int, ...], 
   it against a real batch.
   """
   b = config.batch_size
-  spec = {'image': ((b, *_image_shape(config, channels, train=True)), np.float32),
+  spec = {'image': ((b, *_image_shape(config, channels, train=True)), np.uint8),
           'label': ((b,), np.int32)}
   if config.dataset.get('text_key'):
     spec['text'] = ((b, config.text.max_len), np.int32)
@@ -771,7 +770,7 @@ def train_batch_spec(config, channels: int) -> dict[str, tuple[tuple[int, ...], 
 def eval_batch_spec(config, channels: int, batch_size: int, *,
                     with_text: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (global shape, dtype)} of the batches `create_eval_iterator` yields."""
-  spec = {'image': ((batch_size, *_image_shape(config, channels)), np.float32),
+  spec = {'image': ((batch_size, *_image_shape(config, channels)), np.uint8),
           'label': ((batch_size,), np.int32), 'mask': ((batch_size,), np.int32)}
   if with_text and config.dataset.get('text_key'):
     k = config.get('text', {}).get('eval_captions', 5)

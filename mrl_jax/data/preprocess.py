@@ -10,7 +10,11 @@ position in the stream, which is what makes augmentation reproducible and
 resumable from a checkpointed iterator state.
 
 Pixel conventions: augmentation ops keep the input dtype (uint8 in, uint8 out),
-`normalize` is the single place where images become float32.
+and batches stay uint8 through the workers and the host-to-device copy (a
+quarter of float32's bytes). `normalize` is the single place where images
+become float32: the jitted train and embed steps call it on the device
+(`tasks._Task.model_images`); it is written with array methods only, so the
+same function serves numpy and JAX arrays without importing JAX here.
 """
 
 from __future__ import annotations
@@ -234,12 +238,18 @@ def normalize(
   """uint8 [0, 255] -> float32 `(x / 255 - mean) / std`, per channel.
 
   `mean` and `std` are in [0, 1] units (e.g. ImageNet's (0.485, 0.456, 0.406)).
-  None means 0.5 for both, i.e. pixels scaled to [-1, 1].
+  None means 0.5 for both, i.e. pixels scaled to [-1, 1]. `image` may be a
+  numpy or a JAX array (inside `jit`); the result is of the same kind.
   """
+  mean, std = check_mean_std(mean, std, image.shape[-1])
   x = image.astype(np.float32) * np.float32(1 / 255)
+  return (x - mean) / std
+
+
+def check_mean_std(mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """config.input.mean / std as float32 arrays of 1 or `channels` values."""
   mean = np.asarray(0.5 if mean is None else mean, np.float32)
   std = np.asarray(0.5 if std is None else std, np.float32)
-  channels = image.shape[-1]
   for field, value in (('mean', mean), ('std', std)):
     # Broadcasting would silently turn a grayscale image into 3 channels.
     if value.size not in (1, channels):
@@ -247,7 +257,7 @@ def normalize(
           f'config.input.{field}={value.tolist()} has {value.size} values but'
           f' the images have {channels} channel(s); give 1 or {channels}.'
       )
-  return (x - mean) / std
+  return mean, std
 
 
 # ------------------------------------------------------------ policy choice --
@@ -310,19 +320,17 @@ class _Options:
   label_key: str | None = 'label'  # None: unlabelled (image-text data)
   image_size: Size = 224
   small: bool = False
-  mean: tuple[float, ...] | None = None
-  std: tuple[float, ...] | None = None
 
   def output(self, image: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
     return {
-        'image': normalize(image, self.mean, self.std),
+        'image': np.asarray(image, np.uint8),
         'label': np.int32(record[self.label_key] if self.label_key else -1),
     }
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(_Options, grain.transforms.RandomMap):
-  """Dataset record -> {'image': float32 [H, W, C], 'label': int32}, augmented.
+  """Dataset record -> {'image': uint8 [H, W, C], 'label': int32}, augmented.
 
   `augment` must already be resolved (not 'auto'); see `resolve_augment`.
   """
@@ -403,7 +411,7 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
     if self.augment in ('crop_flip', 'flip'):
       images = flip_batch(images, flips[rows])
     return {
-        'image': normalize(images, self.mean, self.std),
+        'image': np.asarray(images, np.uint8),
         'label': (np.full(len(images), -1, np.int32) if labels is None
                   else np.asarray(labels, np.int32)),
     }
@@ -411,7 +419,7 @@ class TrainTransform(_Options, grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(_Options, grain.transforms.Map):
-  """Dataset record -> {'image': float32 [H, W, C], 'label': int32}, fixed."""
+  """Dataset record -> {'image': uint8 [H, W, C], 'label': int32}, fixed."""
 
   def map(self, element: dict[str, Any]):
     image = _as_hwc(element[self.image_key])
